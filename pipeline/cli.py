@@ -1,0 +1,72 @@
+"""The one way jobs start and end: parse config, run, print a JSON summary, map errors to exit codes.
+
+Exit 0 on success, 2 on usage or config errors (one line on stderr, no traceback), 1 on runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from typing import Any, Callable, NoReturn, TypeVar
+
+from pipeline.config import ConfigError, load_config, to_dict
+
+T = TypeVar("T")
+
+
+class JobError(RuntimeError):
+    """A systemic runtime failure with a message a user can act on (exit 1, no traceback)."""
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def parse_args(cls: type[T], argv: list[str] | None, prog: str, flags: dict[str, str] | None = None) -> T:
+    """``[--config FILE] [--flag ...] key=value ...``; each ``--flag`` in ``flags`` sets a boolean config key."""
+    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip() or None)
+    parser.add_argument("--config", help="YAML file merged over the defaults")
+    for flag, key in (flags or {}).items():
+        parser.add_argument(flag, action="store_true", help=f"same as {key}=true")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist)")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        sys.exit(2 if exc.code else 0)
+    overrides = list(args.overrides)
+    for flag, key in (flags or {}).items():
+        if getattr(args, flag.lstrip("-").replace("-", "_")):
+            overrides.append(f"{key}=true")
+    return load_config(cls, args.config, overrides)
+
+
+def run_job(
+    cls: type[T],
+    main: Callable[[T], dict[str, Any]],
+    argv: list[str] | None = None,
+    prog: str = "atr",
+    flags: dict[str, str] | None = None,
+) -> NoReturn:
+    try:
+        config = parse_args(cls, argv, prog, flags)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    log(f"[{prog}] resolved config: {json.dumps(to_dict(config), sort_keys=True)}")
+    try:
+        summary = main(config)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except JobError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print(json.dumps({"status": "failed", "error": str(exc)}), flush=True)
+        sys.exit(1)
+    except Exception as exc:  # noqa: BLE001 - a runtime failure must still end with a summary line
+        traceback.print_exc()
+        print(json.dumps({"status": "failed", "error": f"{type(exc).__name__}: {exc}"}), flush=True)
+        sys.exit(1)
+    print(json.dumps({"status": "ok", **summary}, default=str), flush=True)
+    sys.exit(0)
