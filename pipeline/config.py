@@ -27,6 +27,12 @@ class ConfigError(ValueError):
     """A user-caused configuration problem; jobs print it as one line and exit 2."""
 
 
+def require(condition: bool, key: str, allowed: str) -> None:
+    """For ``validate()`` methods: reject a value, naming the key (relative to its section) and what is allowed."""
+    if not condition:
+        raise ConfigError(f"{key}: {allowed}")
+
+
 # --------------------------------------------------------------------------------------------- sub-configs
 
 
@@ -62,6 +68,20 @@ class EncoderConfig:
     batch_size: int = 32
     compile: bool = False
 
+    def validate(self) -> None:
+        for name in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "batch_size"):
+            require(getattr(self, name) > 0, name, f"must be a positive integer, got {getattr(self, name)}")
+        # Not a multiple is fine: the patch convolution drops the remainder (SigLIP so400m: 384 px, patch 14).
+        require(self.image_size >= self.patch_size, "image_size",
+                f"must be at least patch_size ({self.patch_size}), got {self.image_size}")
+        require(-self.num_layers - 1 <= self.select_layer <= self.num_layers, "select_layer",
+                f"must index a hidden state in [-{self.num_layers + 1}, {self.num_layers}], got {self.select_layer}")
+        require(len(self.image_mean) == 3 and len(self.image_std) == 3, "image_mean",
+                "image_mean and image_std need 3 values (RGB)")
+        require(all(len(p) == 2 and min(p) > 0 for p in self.image_grid_pinpoints), "image_grid_pinpoints",
+                "must be a list of [height, width] pairs of positive integers")
+
     @property
     def tokens_per_tile(self) -> int:
         side = self.image_size // self.patch_size
@@ -92,10 +112,18 @@ class StorageConfig:
 class InputConfig:
     path: str = "demo_output/corpus/train"
     format: Literal["auto", "webdataset", "parquet", "folder"] = "auto"
+    # The image member's extension (WebDataset) or column (Parquet); unset: jpg, jpeg, png, webp / jpg, image, ...
     image_column: str | None = None
     key_column: str = "key"
     # Folder inputs: how many images make one shard (the unit of work and of commit).
     folder_shard_size: int = 256
+    # A larger tar member or file is quarantined unread, so one sample never takes more memory than this.
+    max_member_bytes: int = 256 * 1024 * 1024
+
+    def validate(self) -> None:
+        require(bool(self.path), "path", "must name a file, glob, brace pattern or folder (local or s3://)")
+        require(self.folder_shard_size > 0, "folder_shard_size", "must be a positive integer")
+        require(self.max_member_bytes > 0, "max_member_bytes", "must be a positive integer")
 
 
 @dataclass(kw_only=True)
@@ -103,6 +131,10 @@ class DecodeConfig:
     max_pixels: int = 50_000_000
     max_bytes: int = 64 * 1024 * 1024
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def validate(self) -> None:
+        require(self.max_pixels > 0, "max_pixels", "must be a positive integer")
+        require(self.max_bytes > 0, "max_bytes", "must be a positive integer")
 
 
 @dataclass(kw_only=True)
@@ -119,18 +151,37 @@ class SelectorConfig:
     seed: int = 0
     store_scores: bool = False
 
+    def validate(self) -> None:
+        require(0.0 <= self.threshold <= 1.0, "threshold", f"must be a keep probability in [0, 1], got {self.threshold}")
+        require(0.0 < self.ratio <= 1.0, "ratio", f"must be in (0, 1], got {self.ratio}")
+        require(self.budget > 0, "budget", f"must be a positive integer, got {self.budget}")
+        require(self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens}")
+        require(self.method != "learned" or bool(self.checkpoint), "checkpoint",
+                "method=learned needs selector.checkpoint=PATH (train one with python -m jobs.train_selector), "
+                "or pick a baseline: none, random, uniform, norm, cls_attention, diversity")
+
 
 @dataclass(kw_only=True)
 class SelectorModelConfig:
     """The paper's selector (3 layers + keep/drop head) and reconstructor (3 layers)."""
 
-    width: int = 256
+    # The selector's own width (a linear projection in from the encoder's); its cost next to the encoder's is
+    # what keeps selection cheap: at 64 about 0.07% of a ViT-L/14-336's FLOPs, at 256 about 0.9%.
+    width: int = 64
     selector_layers: int = 3
     reconstructor_layers: int = 3
     num_heads: int = 4
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     max_positions: int = 4096
+
+    def validate(self) -> None:
+        require(self.width > 0 and self.width % self.num_heads == 0, "width",
+                f"must be a positive multiple of num_heads={self.num_heads}, got {self.width}")
+        require(self.selector_layers > 0 and self.reconstructor_layers > 0, "selector_layers",
+                "selector_layers and reconstructor_layers must be positive")
+        require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        require(self.max_positions > 0, "max_positions", f"must be positive, got {self.max_positions}")
 
 
 @dataclass(kw_only=True)
@@ -139,6 +190,10 @@ class OutputConfig:
     format: Literal["parquet", "webdataset"] = "parquet"
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     row_group_size: int = 256
+
+    def validate(self) -> None:
+        require(bool(self.path), "path", "must name an output folder (local or s3://)")
+        require(self.row_group_size > 0, "row_group_size", "must be a positive integer")
 
 
 @dataclass(kw_only=True)
@@ -153,31 +208,65 @@ class RayConfig:
     max_task_retries: int = 2
     max_retries: int = 2
 
+    def validate(self) -> None:
+        require(1 <= self.num_actors_min <= self.num_actors_max, "num_actors_min",
+                f"need 1 <= num_actors_min <= num_actors_max, got {self.num_actors_min} and {self.num_actors_max}")
+        require(self.num_gpus_per_actor >= 0 and self.num_cpus_per_actor >= 0, "num_gpus_per_actor",
+                "resources must be >= 0")
+        for name in ("max_restarts", "max_task_retries", "max_retries"):
+            require(getattr(self, name) >= 0, name, "must be a finite count >= 0")
+
 
 @dataclass(kw_only=True)
 class TrainConfig:
+    """Defaults tuned on the demo corpus with the tiny encoder (about a minute on 2 CPU cores)."""
+
     steps: int = 300
-    batch_size: int = 16
+    batch_size: int = 8
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_steps: int = 20
+    # For these first steps the selector stays as initialised (every token kept with probability 1/2), so the
+    # reconstructor learns to fill gaps before the selector judges which tokens it cannot do without.
+    selector_warmup_steps: int = 100
     grad_clip: float | None = 1.0
     temperature_start: float = 1.0
     temperature_end: float = 0.1
     temperature_schedule: Literal["exponential", "cosine"] = "exponential"
-    sparsity_weight: float = 0.5
+    # The price of keeping a token: a token is kept when keeping it saves more relative error than this.
+    sparsity_weight: float = 1.0
     # None: the sparsity term is the mean keep probability; set: its squared distance to this rate.
     target_keep_rate: float | None = None
     loss: Literal["mse", "cosine"] = "mse"
+    # Set: each image's error is divided by its own token spread plus this floor, so images count equally
+    # (see pipeline/selector/loss.py); None: the plain error, as in the paper.
+    relative_error_floor: float | None = 0.02
     num_workers: int = 1
     use_gpu: bool = False
-    # Torch threads (and Ray CPUs) per worker; None: the cluster's CPUs split evenly over the workers.
-    cpus_per_worker: int | None = None
+    # Torch threads (and Ray CPUs) per worker; None: the cluster's CPUs split evenly over the workers. One
+    # thread suits the small default selector: on a busy 2-core host two threads ran 2-10x slower, not faster.
+    cpus_per_worker: int | None = 1
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
     # Images encoded and cached per run (split over the workers); None: every image of the input.
     max_images: int | None = None
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "num_workers"):
+            require(getattr(self, name) > 0, name, f"must be a positive integer, got {getattr(self, name)}")
+        require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
+        require(0 <= self.selector_warmup_steps < self.steps, "selector_warmup_steps",
+                f"must be in [0, steps={self.steps}), got {self.selector_warmup_steps}")
+        require(0 < self.temperature_end <= self.temperature_start, "temperature_end",
+                "must be positive and at most temperature_start")
+        require(self.sparsity_weight >= 0, "sparsity_weight", f"must be >= 0, got {self.sparsity_weight}")
+        require(self.target_keep_rate is None or 0 < self.target_keep_rate <= 1, "target_keep_rate",
+                f"must be null or in (0, 1], got {self.target_keep_rate}")
+        require(self.relative_error_floor is None or self.relative_error_floor > 0, "relative_error_floor",
+                f"must be null or positive, got {self.relative_error_floor}")
+        require(self.cpus_per_worker is None or self.cpus_per_worker > 0, "cpus_per_worker",
+                f"must be null or positive, got {self.cpus_per_worker}")
 
 
 # --------------------------------------------------------------------------------------------- job configs
@@ -298,7 +387,14 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed keys: {', '.join(sorted(fields))}")
     kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    validate = getattr(built, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{prefix}{exc}") from None
+    return built
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:

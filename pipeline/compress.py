@@ -1,0 +1,133 @@
+"""The compress run: plan, run the stages, commit each shard, rebuild the manifest and stats."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections import Counter
+from typing import Any
+
+from pipeline import __version__
+from pipeline.cli import JobError, log
+from pipeline.commit import current_shards, list_committed, write_manifest
+from pipeline.committer import ShardCommitter
+from pipeline.config import CompressConfig
+from pipeline.encoders import VisionEncoder
+from pipeline.executors import run_stages
+from pipeline.output_format import format_metadata
+from pipeline.progress import ProgressReporter
+from pipeline.run_plan import RunPlan, plan_compress
+from pipeline.selector import build_selector
+from pipeline.storage import absolute_url, write_bytes
+
+
+def fingerprints(cfg: CompressConfig) -> tuple[str, str, int]:
+    """Encoder and selector fingerprints, computed on the driver's CPU; a bad checkpoint fails here, early."""
+    try:
+        encoder = VisionEncoder.from_config(dataclasses.replace(cfg.encoder, device="cpu", compile=False))
+    except OSError as exc:
+        raise JobError(f"encoder {cfg.encoder.name!r} cannot be loaded: {exc}") from None
+    selector = build_selector(cfg.selector, encoder.fingerprint(), "cpu", side=encoder.side,
+                              storage_options=cfg.storage.storage_options())
+    return encoder.fingerprint(), selector.fingerprint(), encoder.hidden_size
+
+
+def _file_metadata(plan: RunPlan, dim: int) -> dict[str, Any]:
+    cfg = plan.config
+    selector = cfg.selector
+    return format_metadata(
+        encoder=cfg.encoder.name,
+        encoder_fingerprint=plan.encoder_fingerprint,
+        select_layer=cfg.encoder.select_layer,
+        dtype=cfg.output.dtype,
+        dim=dim,
+        side=cfg.encoder.image_size // cfg.encoder.patch_size,
+        selector=selector.method,
+        selector_fingerprint=plan.selector_fingerprint,
+        mode=selector.mode,
+        params={"threshold": selector.threshold, "ratio": selector.ratio, "budget": selector.budget,
+                "min_tokens": selector.min_tokens},
+        cfg_hash=plan.cfg_hash,
+    )
+
+
+def _write_stats(plan: RunPlan, committed_now: list, run_summary: dict[str, Any], storage_options: dict) -> None:
+    histogram: Counter = Counter()
+    totals = Counter()
+    for shard in committed_now:
+        histogram.update({int(k): v for k, v in shard.kept_histogram.items()})
+        totals.update(images=shard.rows, quarantined=shard.quarantined, tokens_full=shard.tokens_full,
+                      tokens_kept=shard.tokens_kept, shards=1)
+    stats = {
+        "cfg_hash": plan.cfg_hash,
+        "totals": dict(totals),
+        "kept_fraction": totals["tokens_kept"] / totals["tokens_full"] if totals["tokens_full"] else None,
+        "kept_tokens_histogram": {str(k): histogram[k] for k in sorted(histogram)},
+        "last_run": run_summary,
+    }
+    write_bytes(f"{plan.output_dir}/stats.json", json.dumps(stats, indent=1, sort_keys=True).encode(), storage_options)
+
+
+def with_absolute_paths(cfg: CompressConfig) -> CompressConfig:
+    checkpoint = cfg.selector.checkpoint
+    return dataclasses.replace(
+        cfg,
+        input=dataclasses.replace(cfg.input, path=absolute_url(cfg.input.path)),
+        output=dataclasses.replace(cfg.output, path=absolute_url(cfg.output.path)),
+        selector=dataclasses.replace(cfg.selector, checkpoint=absolute_url(checkpoint) if checkpoint else None),
+    )
+
+
+def run_compress(cfg: CompressConfig) -> dict[str, Any]:
+    started = time.monotonic()
+    cfg = with_absolute_paths(cfg)
+    storage_options = cfg.storage.storage_options()
+    encoder_fp, selector_fp, dim = fingerprints(cfg)
+    plan = plan_compress(cfg, encoder_fp, selector_fp)
+    log(f"[compress] output {plan.output_dir} | shards {len(plan.shards)} | to do {len(plan.todo)} "
+        f"| already committed {plan.skipped}")
+    summary: dict[str, Any] = {
+        "output": plan.output_dir, "cfg_hash": plan.cfg_hash, "shards_total": len(plan.shards),
+        "shards_processed": 0, "shards_skipped": plan.skipped, "images": 0, "quarantined": 0,
+        "tokens_full": 0, "tokens_kept": 0, "bytes_written": 0,
+    }
+    if cfg.dry_run:
+        for shard in plan.todo:
+            log(f"[compress] to do: {shard.shard_id} {shard.url}")
+        return {**summary, "dry_run": True, "todo": [s.shard_id for s in plan.todo],
+                "wall_s": round(time.monotonic() - started, 3)}
+    try:
+        write_bytes(f"{plan.output_dir}/_config.json",
+                    json.dumps({**plan.resolved_config(), "atr_version": __version__}, indent=1,
+                               sort_keys=True).encode(), storage_options)
+    except OSError as exc:
+        raise JobError(f"output {plan.output_dir} is not writable: {exc}") from None
+    committer = ShardCommitter(plan.output_dir, plan.run_id, storage_options)
+    if plan.todo:
+        progress = ProgressReporter(len(plan.todo), cfg.progress_interval_s)
+        for record in run_stages(plan, _file_metadata(plan, dim)):
+            if committer.observe(record) is not None or record["kind"] == "end":
+                totals = committer.totals
+                progress.update(shards_done=totals.shards_processed, images=totals.images,
+                                quarantined=totals.quarantined, tokens_full=totals.tokens_full,
+                                tokens_kept=totals.tokens_kept)
+        totals = committer.totals
+        progress.update(shards_done=totals.shards_processed, images=totals.images, quarantined=totals.quarantined,
+                        tokens_full=totals.tokens_full, tokens_kept=totals.tokens_kept, force=True)
+        if committer.unfinished():
+            raise JobError(f"shards not fully written: {', '.join(committer.unfinished())}; rerun to finish them")
+    fingerprints_now = {s.shard_id: s.fingerprint for s in plan.shards}
+    visible = current_shards(list_committed(plan.output_dir, storage_options), fingerprints_now)
+    write_manifest(plan.output_dir, visible, storage_options)
+    totals = committer.totals
+    wall_s = time.monotonic() - started
+    summary.update(
+        shards_processed=totals.shards_processed, images=totals.images, quarantined=totals.quarantined,
+        tokens_full=totals.tokens_full, tokens_kept=totals.tokens_kept, bytes_written=totals.bytes_written,
+        kept_fraction=round(totals.tokens_kept / totals.tokens_full, 4) if totals.tokens_full else None,
+        images_per_s=round(totals.images / wall_s, 2), wall_s=round(wall_s, 3),
+    )
+    if plan.todo:
+        _write_stats(plan, visible, summary, storage_options)
+    return summary

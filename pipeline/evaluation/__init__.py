@@ -1,0 +1,1 @@
+"""Evaluation of token selection: metrics, the oracle, a frozen probe, reports, plots and the evaluation loops."""

@@ -1,0 +1,111 @@
+"""Labelled images for evaluation: read any input the pipeline reads, keep each sample's json ground truth,
+encode in batches and pad to a common length."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import torch
+from PIL import Image
+
+from pipeline.cli import log
+from pipeline.config import DecodeConfig, InputConfig
+from pipeline.decode import DecodeError, decode_image
+from pipeline.encoders import EncodedImage, VisionEncoder
+from pipeline.sources import Quarantined, iter_shard, list_shards
+
+
+@dataclass
+class LabelledImage:
+    key: str
+    image: Image.Image
+    meta: dict[str, Any]  # the sample's json: family, text_boxes, probe labels
+
+    @property
+    def family(self) -> str:
+        return str(self.meta.get("family", "unknown"))
+
+
+def sample_json(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The sample's ``json`` member as a dict (sources pass it through as bytes, text or already parsed)."""
+    raw = meta.get("json")
+    if isinstance(raw, dict):
+        return raw
+    if isinstance(raw, (bytes, str)):
+        try:
+            parsed = json.loads(raw)
+        except ValueError:
+            return None
+        return parsed if isinstance(parsed, dict) else None
+    return None
+
+
+def iter_labelled_images(
+    input_cfg: InputConfig, decode_cfg: DecodeConfig, storage_options: dict[str, Any], limit: int | None = None
+) -> Iterator[LabelledImage]:
+    """Decoded images with their ground truth, in shard order; samples that cannot be read or carry no json
+    ``family`` are skipped and counted in one log line at the end."""
+    skipped: dict[str, int] = {}
+
+    def skip(reason: str) -> None:
+        skipped[reason] = skipped.get(reason, 0) + 1
+
+    def labelled() -> Iterator[LabelledImage]:
+        for shard in list_shards(input_cfg, storage_options):
+            for item in iter_shard(shard, input_cfg, storage_options):
+                if isinstance(item, Quarantined):
+                    skip("unreadable")
+                    continue
+                meta = sample_json(item.meta)
+                if meta is None or "family" not in meta:
+                    skip("no json family")
+                    continue
+                try:
+                    image = decode_image(item.image, decode_cfg)
+                except DecodeError:
+                    skip("undecodable")
+                    continue
+                yield LabelledImage(item.key, image, meta)
+
+    yield from islice(labelled(), limit)
+    if skipped:
+        log(f"[evaluate] {input_cfg.path}: skipped " + ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())))
+
+
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+@dataclass
+class TokenBatch:
+    """Encoded images padded to a common length."""
+
+    encoded: list[EncodedImage]
+    tokens: torch.Tensor  # [B, N, D] float32, zeros in padding
+    mask: torch.Tensor  # [B, N] bool, True at real tokens
+    cls_attention: torch.Tensor | None  # [B, N], when the encoder supplies it
+
+
+def pad_encoded(encoded: list[EncodedImage]) -> TokenBatch:
+    length = max(e.tokens.shape[0] for e in encoded)
+    tokens = torch.zeros(len(encoded), length, encoded[0].tokens.shape[1])
+    mask = torch.zeros(len(encoded), length, dtype=torch.bool)
+    has_attention = all(e.cls_attention is not None for e in encoded)
+    cls_attention = torch.zeros(len(encoded), length) if has_attention else None
+    for row, item in enumerate(encoded):
+        n = item.tokens.shape[0]
+        tokens[row, :n] = item.tokens
+        mask[row, :n] = True
+        if cls_attention is not None:
+            cls_attention[row, :n] = item.cls_attention
+    return TokenBatch(encoded, tokens, mask, cls_attention)
+
+
+def encode_batch(encoder: VisionEncoder, images: list[LabelledImage], with_cls_attention: bool = False) -> TokenBatch:
+    return pad_encoded(encoder.encode_images([item.image for item in images], with_cls_attention=with_cls_attention))

@@ -1,0 +1,117 @@
+"""The Ray executor: the only module of the compress path that imports Ray.
+
+One row per input shard -> ``flat_map`` decode (CPU tasks) -> ``map_batches`` encode+select on an actor pool
+(``ActorPoolStrategy``, ``num_gpus`` per actor) -> ``map_batches`` write (CPU tasks) -> records streamed back to
+the driver, which commits. Retries are finite and explicit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Iterator
+
+import pyarrow as pa
+import ray
+import torch
+
+from pipeline.cli import log
+from pipeline.config import CompressConfig
+from pipeline.run_plan import RunPlan
+from pipeline.sources import ShardRef
+from pipeline.stages import EncodeSelectStage, WriteStage, batch_to_rows, decode_shard
+
+# Batches of the write stage: rows are small (kept tokens), so bigger batches mean fewer, larger part files.
+WRITE_BATCH_ROWS = 512
+
+
+def init_ray(cfg: CompressConfig) -> None:
+    if ray.is_initialized():
+        return
+    # Without an address, start a private in-process cluster rather than joining whatever runs on this host.
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, ignore_reinit_error=True, include_dashboard=False)
+
+
+def encoder_threads(cfg: CompressConfig, node_cpus: int) -> int | None:
+    """Torch threads for an encode actor: on CPU the node's cores shared among the actors; on GPU Ray's default.
+
+    Ray caps a worker's OpenMP threads at its ``num_cpus`` (1 here), which suits many small tasks but leaves a
+    CPU encoder, the pipeline's heaviest stage, on one core while the others only decode now and then.
+    """
+    if cfg.ray.num_gpus_per_actor > 0:
+        return None
+    return max(1, node_cpus // cfg.ray.num_actors_max)
+
+
+def encoder_runtime_env(cfg: CompressConfig) -> dict[str, Any] | None:
+    """CPU actors share cores with decode tasks: OpenMP threads that sleep at a barrier instead of spinning
+    leave those cycles to decoding (read when the worker starts, so it has to come with the actor's env)."""
+    return None if cfg.ray.num_gpus_per_actor > 0 else {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
+
+
+class EncodeActor(EncodeSelectStage):
+    """:class:`EncodeSelectStage` with its torch threads set for the actor before the encoder loads."""
+
+    def __init__(self, cfg: CompressConfig) -> None:
+        threads = encoder_threads(cfg, len(os.sched_getaffinity(0)))
+        if threads is not None:
+            torch.set_num_threads(threads)
+        super().__init__(cfg)
+
+
+def warn_if_actors_starve_decoding(cfg: CompressConfig, cluster_cpus: float) -> None:
+    """Actors hold their CPUs for the whole run; if nothing is left for a decode task, the run waits for the
+    cluster to grow (forever on a fixed one)."""
+    reserved = cfg.ray.num_actors_max * cfg.ray.num_cpus_per_actor
+    if reserved + cfg.ray.decode_num_cpus > cluster_cpus:
+        log(f"[compress] warning: {cfg.ray.num_actors_max} actors x ray.num_cpus_per_actor="
+            f"{cfg.ray.num_cpus_per_actor} leave no room for a decode task (ray.decode_num_cpus="
+            f"{cfg.ray.decode_num_cpus}) on this cluster's {cluster_cpus:g} CPUs; the run waits until it grows. "
+            "Lower ray.num_cpus_per_actor or ray.num_actors_max.")
+
+
+def _decode(row: dict[str, Any], cfg: CompressConfig) -> Iterator[dict[str, Any]]:
+    shard = ShardRef(**row["shard"]) if isinstance(row["shard"], dict) else row["shard"]
+    yield from decode_shard(shard, cfg)
+
+
+def _write(batch: pa.Table, cfg: CompressConfig, output_dir: str, run_id: str,
+           metadata: dict[str, Any]) -> pa.Table:
+    return WriteStage(cfg, output_dir, run_id, metadata)(batch)
+
+
+def run_ray(plan: RunPlan, metadata: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    cfg = plan.config
+    init_ray(cfg)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.verbose_stats_logs = False
+    context.max_errored_blocks = 0
+    warn_if_actors_starve_decoding(cfg, ray.cluster_resources().get("CPU", 0.0))
+    shards = ray.data.from_items([{"shard": dataclasses.asdict(s)} for s in plan.todo],
+                                 override_num_blocks=max(1, len(plan.todo)))
+    decoded = shards.flat_map(_decode, fn_kwargs={"cfg": cfg}, num_cpus=cfg.ray.decode_num_cpus,
+                              max_retries=cfg.ray.max_retries)
+    encoded = decoded.map_batches(
+        EncodeActor,
+        fn_constructor_args=(cfg,),
+        batch_size=cfg.encoder.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(min_size=cfg.ray.num_actors_min, max_size=cfg.ray.num_actors_max),
+        num_gpus=cfg.ray.num_gpus_per_actor,
+        num_cpus=cfg.ray.num_cpus_per_actor,
+        runtime_env=encoder_runtime_env(cfg),
+        max_restarts=cfg.ray.max_restarts,
+        max_task_retries=cfg.ray.max_task_retries,
+    )
+    written = encoded.map_batches(
+        _write,
+        fn_kwargs={"cfg": cfg, "output_dir": plan.output_dir, "run_id": plan.run_id, "metadata": metadata},
+        batch_size=WRITE_BATCH_ROWS,
+        batch_format="pyarrow",
+        num_cpus=0.5,
+        max_retries=cfg.ray.max_retries,
+    )
+    for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield from batch_to_rows(batch)

@@ -1,0 +1,29 @@
+"""Periodic one-line progress reports on stderr that read well in non-TTY logs."""
+
+from __future__ import annotations
+
+import time
+
+from pipeline.cli import log
+
+
+class ProgressReporter:
+    def __init__(self, total_shards: int, interval_s: float, prefix: str = "compress") -> None:
+        self.total_shards = total_shards
+        self.interval_s = interval_s
+        self.prefix = prefix
+        self.started = time.monotonic()
+        self.last = 0.0
+
+    def update(self, *, shards_done: int, images: int, quarantined: int, tokens_full: int, tokens_kept: int,
+               force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < self.interval_s:
+            return
+        self.last = now
+        elapsed = max(now - self.started, 1e-9)
+        kept = 100.0 * tokens_kept / tokens_full if tokens_full else 0.0
+        log(
+            f"[{self.prefix}] shards {shards_done}/{self.total_shards} | images {images} "
+            f"({images / elapsed:.1f}/s) | kept tokens {kept:.1f}% | quarantined {quarantined} | {elapsed:.0f}s"
+        )

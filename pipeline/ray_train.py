@@ -1,0 +1,64 @@
+"""Ray Train plumbing shared by the training jobs: start or join Ray, run a TorchTrainer, average metrics."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Callable
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from pipeline.cli import JobError
+from pipeline.config import ConfigError, RayConfig
+from pipeline.storage import filesystem_for, is_local
+
+
+def init_ray(cfg: RayConfig) -> None:
+    if ray.is_initialized():
+        return
+    # Without an address, start a private in-process cluster rather than joining whatever runs on this host.
+    ray.init(address=cfg.address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+
+
+def ray_storage_path(output: str) -> str:
+    """Ray Train's own run records: next to the output when it is local, in a temp dir otherwise."""
+    if not is_local(output):
+        return os.path.join(tempfile.gettempdir(), "atr-ray-train")
+    return os.path.join(filesystem_for(output)[1], "ray")
+
+
+def threads_per_worker(cpus_per_worker: int | None, num_workers: int) -> int:
+    return cpus_per_worker or max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
+
+
+def fit(worker: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], *, name: str, output: str,
+        num_workers: int, use_gpu: bool, threads: int) -> None:
+    """Run ``worker`` on ``num_workers`` DDP workers; a ConfigError raised in a worker stays a ConfigError."""
+    trainer = ray.train.torch.TorchTrainer(
+        worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": threads}),
+        run_config=ray.train.RunConfig(name=name, storage_path=ray_storage_path(output)),
+    )
+    try:
+        trainer.fit()
+    except ray.train.WorkerGroupError as exc:
+        for failure in exc.worker_failures.values():
+            if isinstance(failure, ConfigError):
+                raise ConfigError(str(failure)) from None
+        raise JobError(f"{name} failed: {exc}") from None
+
+
+def mean_over_workers(metrics: dict[str, float]) -> dict[str, float]:
+    """Each metric averaged over the DDP workers (unchanged outside torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return metrics
+    names = sorted(metrics)
+    values = torch.tensor([float(metrics[name]) for name in names], dtype=torch.float64)
+    dist.all_reduce(values)
+    return {name: float(v) / dist.get_world_size() for name, v in zip(names, values)}

@@ -1,0 +1,67 @@
+"""Which vision tokens to keep: the paper's learned selector and the training-free baselines, one interface.
+
+    selector = build_selector(cfg.selector, encoder.fingerprint(), device)
+    scores = selector.scores(tokens, mask, keys=keys, cls_attention=cls_attention)   # [B, N], higher = keep
+    keep = select_tokens(scores, mask, cfg.selector)                                 # [B, N] bool
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pipeline.config import ConfigError, SelectorConfig
+from pipeline.selector.baselines import (
+    ClsAttentionSelector,
+    DiversitySelector,
+    KeepAllSelector,
+    NormSelector,
+    RandomSelector,
+    UniformSelector,
+)
+from pipeline.selector.checkpoint import load_checkpoint
+from pipeline.selector.learned import LearnedSelector
+from pipeline.selector.model import SelectorAutoencoder
+from pipeline.selector.policy import TokenSelector, select_tokens
+
+__all__ = ["SelectorAutoencoder", "TokenSelector", "build_selector", "load_checkpoint", "select_tokens"]
+
+
+def build_selector(
+    cfg: SelectorConfig,
+    encoder_fingerprint: str | None,
+    device: torch.device | str = "cpu",
+    *,
+    side: int | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> TokenSelector:
+    """The selector ``cfg.method`` names.
+
+    ``learned`` loads ``cfg.checkpoint`` (a checkpoint directory, its sidecar, or a training output's
+    ``checkpoints/`` root) and refuses it when ``encoder_fingerprint`` is given and differs from the one it was
+    trained on. ``side`` (patches per tile side) lets ``uniform`` place its stride on multi-tile images.
+    """
+    if cfg.method == "learned":
+        if not cfg.checkpoint:
+            raise ConfigError(
+                "selector.checkpoint: method=learned needs a checkpoint; train one with python -m jobs.train_selector "
+                "and pass selector.checkpoint=PATH, or pick a baseline with selector.method=..."
+            )
+        checkpoint = load_checkpoint(cfg.checkpoint, storage_options)
+        if encoder_fingerprint is not None:
+            checkpoint.check_encoder(encoder_fingerprint)
+        return LearnedSelector(checkpoint, device)
+    if cfg.method == "none":
+        return KeepAllSelector()
+    if cfg.method == "random":
+        return RandomSelector(cfg.seed)
+    if cfg.method == "uniform":
+        return UniformSelector(side)
+    if cfg.method == "norm":
+        return NormSelector()
+    if cfg.method == "cls_attention":
+        return ClsAttentionSelector()
+    if cfg.method == "diversity":
+        return DiversitySelector()
+    raise ConfigError(f"selector.method: unknown method {cfg.method!r}")

@@ -1,0 +1,184 @@
+"""Input listing: a path, glob or brace pattern, local or ``s3://``, becomes sorted, fingerprinted shards."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, replace
+from typing import Any
+
+from braceexpand import braceexpand
+from fsspec import AbstractFileSystem
+
+from pipeline.config import ConfigError, InputConfig, stable_hash
+from pipeline.sources.folder_reader import (
+    IMAGE_EXTENSIONS,
+    SIDECAR_EXTENSIONS,
+    split_member,
+)
+from pipeline.sources.samples import ShardFormat, ShardRef
+from pipeline.storage import filesystem_for, url_for
+
+FILE_SUFFIXES: dict[ShardFormat, str] = {"webdataset": ".tar", "parquet": ".parquet"}
+_GLOB = re.compile(r"[*?\[]")
+_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+MAX_ID_LENGTH = 96
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A file the pattern reaches, and the names it gets in shard ids and folder shards."""
+
+    url: str
+    rel: str  # relative to the fixed part of the pattern that reached it
+    folder: str  # URL of the folder a folder shard groups it under: the matched directory, or the file's parent
+    folder_rel: str
+    member: str  # relative to ``folder``
+    info: dict[str, Any]
+
+    @property
+    def kind(self) -> str | None:
+        name = self.member.lower()
+        for fmt, suffix in FILE_SUFFIXES.items():
+            if name.endswith(suffix):
+                return fmt
+        return "folder" if split_member(name)[1] in IMAGE_EXTENSIONS else None
+
+
+def list_shards(cfg: InputConfig, storage_options: dict[str, Any]) -> list[ShardRef]:
+    """The input shards, sorted by URL. Raises ConfigError naming ``input.path`` when nothing usable matches."""
+    found = _find(cfg.path, storage_options)
+    fmt = _detect_format(cfg, found)
+    if fmt == "folder":
+        shards = _folder_shards(found, cfg.folder_shard_size)
+    else:
+        shards = [_file_shard(f, fmt) for f in found if f.kind == fmt]
+    return sorted(_unique_ids(shards), key=lambda s: (s.url, s.shard_id))
+
+
+def _find(pattern: str, storage_options: dict[str, Any]) -> list[_Found]:
+    found: dict[str, _Found] = {}
+    for alternative in braceexpand(pattern):
+        fs, path = filesystem_for(alternative, storage_options)
+        fs.invalidate_cache()  # a long-lived process must see shards added or rewritten since its last listing
+        base, matches = _matches(fs, path, alternative)
+        for match, info in matches.items():
+            if info["type"] == "directory":
+                folder, files = match, fs.find(match, detail=True).items()
+            else:
+                folder, files = posixpath.dirname(match), [(match, info)]
+            for file, file_info in files:
+                url = url_for(fs, file)
+                found.setdefault(url, _Found(
+                    url=url,
+                    rel=posixpath.relpath(file, base),
+                    folder=url_for(fs, folder),
+                    folder_rel=posixpath.relpath(folder, base),
+                    member=posixpath.relpath(file, folder),
+                    info=file_info,
+                ))
+    return sorted(found.values(), key=lambda f: f.url)
+
+
+def _matches(fs: AbstractFileSystem, path: str, alternative: str) -> tuple[str, dict[str, dict[str, Any]]]:
+    """(the fixed directory part of ``path``, {matched path: info}); a plain path must exist."""
+    glob = _GLOB.search(path)
+    if glob:
+        return posixpath.dirname(path[: glob.start()]), fs.glob(path, detail=True)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise ConfigError(f"input.path: {alternative} does not exist") from None
+    return (path if info["type"] == "directory" else posixpath.dirname(path)), {path: info}
+
+
+def _detect_format(cfg: InputConfig, found: list[_Found]) -> ShardFormat:
+    if not found:
+        raise ConfigError(f"input.path: {cfg.path!r} matches no files")
+    kinds = sorted({f.kind for f in found if f.kind is not None})
+    if cfg.format != "auto":
+        if cfg.format not in kinds:
+            raise ConfigError(f"input.path: {cfg.path!r} holds no {_describe(cfg.format)} (input.format={cfg.format})")
+        return cfg.format
+    if not kinds:
+        described = ", ".join(_describe(fmt) for fmt in ("webdataset", "parquet", "folder"))
+        raise ConfigError(f"input.path: {cfg.path!r} holds no {described}")
+    if len(kinds) > 1:
+        raise ConfigError(
+            f"input.path: {cfg.path!r} holds several input formats ({', '.join(_describe(k) for k in kinds)}); "
+            "narrow the pattern or set input.format"
+        )
+    return kinds[0]
+
+
+def _describe(fmt: str) -> str:
+    return f"{FILE_SUFFIXES[fmt]} files" if fmt in FILE_SUFFIXES else "image files"
+
+
+def _file_shard(found: _Found, fmt: ShardFormat) -> ShardRef:
+    stem = found.rel[: -len(FILE_SUFFIXES[fmt])]
+    return ShardRef(
+        shard_id=_safe_id(stem, found.url),
+        url=found.url,
+        fingerprint=_fingerprint(found.info),
+        size=int(found.info["size"]),
+        format=fmt,
+    )
+
+
+def _folder_shards(found: list[_Found], shard_size: int) -> list[ShardRef]:
+    """Each folder's images, sorted by key, in runs of ``shard_size``; a sidecar joins its image's shard."""
+    by_folder: dict[str, dict[str, list[_Found]]] = defaultdict(lambda: defaultdict(list))
+    for f in found:
+        key, ext = split_member(f.member)
+        if ext in IMAGE_EXTENSIONS or ext in SIDECAR_EXTENSIONS:
+            by_folder[f.folder][key].append(f)
+    shards = []
+    for folder, by_key in by_folder.items():
+        keys = sorted(key for key, files in by_key.items() if any(f.kind == "folder" for f in files))
+        if not keys:
+            continue
+        any_file = by_key[keys[0]][0]
+        label = _safe_id(posixpath.basename(folder) if any_file.folder_rel == "." else any_file.folder_rel, folder)
+        for index in range(0, len(keys), shard_size):
+            files = sorted(
+                (f for key in keys[index : index + shard_size] for f in by_key[key]),
+                key=lambda f: split_member(f.member),  # the reader groups a key's files by adjacency
+            )
+            shards.append(
+                ShardRef(
+                    shard_id=f"{label}-{index // shard_size:05d}",
+                    url=folder,
+                    fingerprint=stable_hash([[f.member, _fingerprint(f.info)] for f in files]),
+                    size=sum(int(f.info["size"]) for f in files),
+                    format="folder",
+                    members=tuple(f.member for f in files),
+                )
+            )
+    return shards
+
+
+def _safe_id(name: str, url: str) -> str:
+    """``name`` when it is short and file-name safe; otherwise a sanitized prefix plus a hash of ``url``."""
+    safe = _UNSAFE_ID_CHARS.sub("_", name).lstrip(".")
+    if safe == name and len(safe) <= MAX_ID_LENGTH:
+        return safe
+    return f"{safe[:MAX_ID_LENGTH]}-{stable_hash(url, 8)}"
+
+
+def _unique_ids(shards: list[ShardRef]) -> list[ShardRef]:
+    """Ids that collide (same relative name reached through different brace alternatives) get a hash of the URL."""
+    counts = Counter(s.shard_id for s in shards)
+    return [
+        replace(s, shard_id=f"{s.shard_id}-{stable_hash([s.url, s.shard_id], 8)}") if counts[s.shard_id] > 1 else s
+        for s in shards
+    ]
+
+
+def _fingerprint(info: dict[str, Any]) -> str:
+    """The object's ETag where the store has one, else size and modification time."""
+    etag = info.get("ETag") or info.get("etag")
+    if etag:
+        return str(etag).strip('"')
+    return f"{info['size']}-{info.get('mtime')}"

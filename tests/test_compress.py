@@ -1,0 +1,298 @@
+"""The compress pipeline end to end: outputs, exactly-once commits, resume, incremental runs, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from pipeline.cli import JobError
+from pipeline.commit import CommittedShard, WrittenFile, commit_shard, list_committed
+from pipeline.compress import run_compress
+from pipeline.config import CompressConfig, CorpusConfig, load_config
+from pipeline.corpus import write_corpus
+from pipeline.decode import decode_image
+from pipeline.encoders import VisionEncoder
+from pipeline.loader import PrunedTokenDataset
+from pipeline.output_format import decode_tokens, read_format_metadata, read_manifest
+from pipeline.selector import build_selector, select_tokens
+from pipeline.sources import iter_shard, list_shards
+from pipeline.storage import filesystem_for
+
+RATIO = ["selector.method=norm", "selector.mode=ratio", "selector.ratio=0.5"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    write_corpus(CorpusConfig(output=str(root), n=20, shard_size=4, heldout_fraction=0.2, seed=3))
+    return root / "train"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+def config(input_path, output_path, *overrides: str) -> CompressConfig:
+    return load_config(CompressConfig, None, [f"input.path={input_path}", f"output.path={output_path}",
+                                              "executor=local", "encoder.batch_size=8", *RATIO, *overrides])
+
+
+def corpus_keys(input_path) -> list[str]:
+    cfg = config(input_path, "unused")
+    return sorted(s.key for shard in list_shards(cfg.input, {}) for s in iter_shard(shard, cfg.input, {}))
+
+
+def stored_rows(output_dir: str, storage_options=None) -> list[dict]:
+    fs, root = filesystem_for(output_dir, storage_options)
+    rows = []
+    for entry in read_manifest(output_dir, storage_options):
+        with fs.open(f"{root}/{entry['path']}", "rb") as handle:
+            table = pq.read_table(handle)
+        rows.extend(table.to_pylist())
+    return rows
+
+
+def test_golden_run_with_ray_writes_layout_and_tokens_match_the_selector(corpus, tmp_path, ray_cluster):
+    cfg = config(corpus, tmp_path / "out", "executor=ray")
+    summary = run_compress(cfg)
+    out = Path(summary["output"])
+    assert summary["shards_processed"] == summary["shards_total"] == 4 and summary["images"] == 16
+    assert summary["tokens_kept"] == summary["tokens_full"] // 2
+    for name in ("_config.json", "manifest.parquet", "stats.json"):
+        assert (out / name).exists()
+    assert len(list((out / "_committed").glob("*.json"))) == 4
+    assert json.loads((out / "_config.json").read_text())["cfg_hash"] == summary["cfg_hash"]
+    stats = json.loads((out / "stats.json").read_text())
+    assert sum(stats["kept_tokens_histogram"].values()) == 16
+
+    rows = {r["key"]: r for r in stored_rows(str(out))}
+    assert sorted(rows) == corpus_keys(corpus)
+    first = pq.ParquetFile(out / read_manifest(str(out))[0]["path"])
+    meta = read_format_metadata(first.schema_arrow)
+    assert meta["cfg_hash"] == summary["cfg_hash"] and meta["dtype"] == "float16" and meta["dim"] == 192
+
+    # The same images through the encoder and selector directly give the same kept positions and tokens.
+    encoder = VisionEncoder.from_config(cfg.encoder)
+    selector = build_selector(cfg.selector, encoder.fingerprint(), side=encoder.side)
+    shard = list_shards(cfg.input, {})[0]
+    samples = list(iter_shard(shard, cfg.input, {}))
+    encoded = encoder.encode_images([decode_image(s.image, cfg.decode) for s in samples])
+    tokens = torch.stack([e.tokens for e in encoded])
+    mask = torch.ones(tokens.shape[:2], dtype=torch.bool)
+    keep = select_tokens(selector.scores(tokens, mask, keys=[s.key for s in samples]), mask, cfg.selector)
+    for i, sample in enumerate(samples):
+        row = rows[sample.key]
+        expected = keep[i].nonzero()[:, 0]
+        assert row["positions"] == expected.tolist()
+        assert row["n_tokens"] == 196 and row["n_kept"] == 98 and row["caption"]
+        stored = decode_tokens(row["tokens"], "float16", 192)
+        torch.testing.assert_close(stored, tokens[i, expected], atol=2e-2, rtol=1e-2)
+
+
+def test_local_and_ray_executors_store_the_same_rows(corpus, tmp_path, ray_cluster):
+    local = run_compress(config(corpus, tmp_path / "a"))
+    distributed = run_compress(config(corpus, tmp_path / "b", "executor=ray"))
+    assert local["cfg_hash"] == distributed["cfg_hash"]
+    drop = ("source_shard",)
+    a = sorted((tuple(v for k, v in r.items() if k not in drop) for r in stored_rows(local["output"])))
+    b = sorted((tuple(v for k, v in r.items() if k not in drop) for r in stored_rows(distributed["output"])))
+    assert a == b
+
+
+def test_rerun_does_no_work_and_keeps_the_manifest_byte_identical(corpus, tmp_path):
+    cfg = config(corpus, tmp_path / "out")
+    first = run_compress(cfg)
+    manifest = (Path(first["output"]) / "manifest.parquet").read_bytes()
+    second = run_compress(cfg)
+    assert second["shards_processed"] == 0 and second["shards_skipped"] == 4 and second["images"] == 0
+    assert (Path(first["output"]) / "manifest.parquet").read_bytes() == manifest
+
+
+def test_dry_run_lists_the_todo_and_writes_nothing(corpus, tmp_path):
+    summary = run_compress(config(corpus, tmp_path / "out", "dry_run=true"))
+    assert summary["todo"] == ["shard-00000", "shard-00001", "shard-00002", "shard-00003"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_new_and_changed_shards_are_processed_by_the_next_run(corpus, tmp_path):
+    inputs = tmp_path / "in"
+    shutil.copytree(corpus, inputs)
+    extra = inputs / "shard-00003.tar"
+    extra.rename(tmp_path / "held-back.tar")
+    cfg = config(inputs, tmp_path / "out")
+    assert run_compress(cfg)["shards_processed"] == 3
+    (tmp_path / "held-back.tar").rename(extra)
+    second = run_compress(cfg)
+    assert second["shards_processed"] == 1 and second["shards_skipped"] == 3
+
+    # Rewrite shard 0 with one sample fewer: it is redone and the manifest shows only the new version.
+    shard0 = inputs / "shard-00000.tar"
+    with tarfile.open(shard0) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    dropped = members[0][0].name.split(".")[0]
+    with tarfile.open(shard0, "w") as tar:
+        for member, data in members:
+            if not member.name.startswith(dropped + "."):
+                tar.addfile(member, io.BytesIO(data))
+    third = run_compress(cfg)
+    assert third["shards_processed"] == 1 and third["images"] == 3
+    keys = [r["key"] for r in stored_rows(third["output"])]
+    assert len(keys) == len(set(keys)) == 15 and dropped not in keys
+
+
+def test_config_change_writes_a_new_prefix(corpus, tmp_path):
+    a = run_compress(config(corpus, tmp_path / "out"))
+    b = run_compress(config(corpus, tmp_path / "out", "selector.ratio=0.25"))
+    assert a["output"] != b["output"] and b["shards_processed"] == 4
+    assert b["tokens_kept"] < a["tokens_kept"]
+    assert Path(a["output"], "manifest.parquet").exists()
+
+
+def test_full_token_baseline_and_webdataset_output(corpus, tmp_path):
+    summary = run_compress(config(corpus, tmp_path / "out", "selector.method=none", "output.format=webdataset",
+                                  "output.dtype=bfloat16"))
+    assert summary["tokens_kept"] == summary["tokens_full"] == 16 * 196
+    out = Path(summary["output"])
+    tars = [out / e["path"] for e in read_manifest(str(out))]
+    names = [n for t in tars for n in tarfile.open(t).getnames()]
+    assert len([n for n in names if n.endswith(".tokens.npy")]) == 16
+    assert {n.split(".", 1)[1] for n in names} == {"tokens.npy", "positions.npy", "json"}
+
+
+def test_a_crash_between_write_and_commit_leaves_nothing_visible(corpus, tmp_path):
+    cfg = config(corpus, tmp_path / "out")
+    complete = run_compress(cfg)
+    out = Path(complete["output"])
+    # Simulate a crashed attempt: a data file written, its marker never created.
+    orphan = out / "data" / "shard-00000.crashed-attempt.parquet"
+    shutil.copy(out / read_manifest(str(out))[0]["path"], orphan)
+    run_compress(cfg)
+    assert all(e["path"] != "data/shard-00000.crashed-attempt.parquet" for e in read_manifest(str(out)))
+    keys = [s["key"] for s in PrunedTokenDataset(str(out), shuffle=False)]
+    assert len(keys) == len(set(keys)) == 16
+
+
+def test_two_concurrent_commits_of_one_shard_leave_one(tmp_path):
+    out = str(tmp_path / "out")
+    results = {}
+
+    def attempt(name: str) -> None:
+        data = tmp_path / "out" / "data" / f"s.{name}.parquet"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        data.write_bytes(b"x")
+        shard = CommittedShard(shard_id="s", source_url="u", source_fingerprint="f", attempt=name,
+                               files=[WrittenFile(path=f"data/s.{name}.parquet", rows=1, bytes=1, sha256="-")])
+        results[name] = commit_shard(out, shard, {})
+
+    threads = [threading.Thread(target=attempt, args=(f"a{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [name for name, won in results.items() if won]
+    assert len(winners) == 1
+    assert [p.name for p in (tmp_path / "out" / "data").iterdir()] == [f"s.{winners[0]}.parquet"]
+    assert list_committed(out, {})[("s", "f")].attempt == winners[0]
+
+
+def _jpeg(image: Image.Image, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", **kwargs)
+    return buffer.getvalue()
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_bad_samples_are_quarantined_and_good_ones_kept(tmp_path):
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8))
+    rotated = photo.copy()
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    bomb = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(bomb, format="PNG")
+    members = [
+        ("good.jpg", _jpeg(photo)), ("good.txt", b"a fine picture"),
+        ("truncated.jpg", _jpeg(photo)[:300]),
+        ("notimage.jpg", b"this is not an image at all"),
+        ("empty.jpg", b""),
+        ("bomb.png", bomb.getvalue()),
+        ("cmyk.jpg", _jpeg(photo.convert("CMYK"))),
+        ("gray16.png", _png(Image.fromarray(rng.integers(0, 65535, (64, 64), dtype=np.uint16)))),
+        ("palette.png", _png(photo.convert("P"))),
+        ("alpha.png", _png(photo.convert("RGBA"))),
+        ("exif.jpg", _jpeg(rotated, exif=exif)),
+        ("onlytext.txt", b"no image here"),
+        ("good.png", _png(photo)),  # duplicate key "good"
+    ]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    with tarfile.open(inputs / "bad.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    summary = run_compress(config(inputs, tmp_path / "out", "decode.max_pixels=10000000"))
+    out = Path(summary["output"])
+    kept = {r["key"]: r for r in stored_rows(str(out))}
+    assert sorted(kept) == ["alpha", "cmyk", "exif", "good", "gray16", "palette"]
+    assert (kept["exif"]["width"], kept["exif"]["height"]) == (120, 160)  # EXIF rotation applied
+    assert kept["good"]["caption"] == "a fine picture"
+    marker = next((out / "_committed").glob("*.json"))
+    files = json.loads(marker.read_text())["quarantine_files"]
+    reasons = {r["key"]: r["reason"] for f in files for r in pq.read_table(out / f["path"]).to_pylist()}
+    assert reasons["truncated"].startswith("truncated")
+    assert reasons["notimage"].startswith("not an image")
+    assert reasons["empty"].startswith("empty")
+    assert reasons["bomb"].startswith("too many pixels")
+    assert reasons["onlytext"].startswith("missing image")
+    assert reasons["good"].startswith("duplicate key")
+    assert summary["quarantined"] == len(reasons) == 6
+
+
+def test_truncated_tar_keeps_the_samples_before_the_damage(corpus, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    data = (corpus / "shard-00000.tar").read_bytes()
+    (inputs / "cut.tar").write_bytes(data[: len(data) * 2 // 3])
+    summary = run_compress(config(inputs, tmp_path / "out"))
+    assert 1 <= summary["images"] < 4 and summary["quarantined"] >= 1
+    assert summary["shards_processed"] == 1
+
+
+def test_s3_input_and_output(corpus, tmp_path, s3_bucket, s3_options, s3_server):
+    fs, _ = filesystem_for(f"s3://{s3_bucket}", s3_options)
+    for tar in sorted(corpus.glob("*.tar"))[:2]:
+        fs.put_file(str(tar), f"{s3_bucket}/in/{tar.name}")
+    cfg = config(f"s3://{s3_bucket}/in/*.tar", f"s3://{s3_bucket}/out", f"storage.endpoint_url={s3_server}")
+    summary = run_compress(cfg)
+    assert summary["output"].startswith(f"s3://{s3_bucket}/out/") and summary["images"] == 8
+    keys = [r["key"] for r in stored_rows(summary["output"], s3_options)]
+    assert len(keys) == len(set(keys)) == 8
+    again = run_compress(cfg)
+    assert again["shards_processed"] == 0 and again["shards_skipped"] == 2
+
+
+def test_unwritable_output_fails_with_a_clear_error(corpus, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(JobError, match="is not writable"):
+        run_compress(config(corpus, blocker / "out"))
