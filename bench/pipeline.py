@@ -10,13 +10,14 @@ Per encoder, one synthetic corpus (16 images per shard). In each round, back to 
 * **pipeline**: ``run_compress`` (read → decode → encode → select → write → commit → manifest) on the whole
   corpus and on its first shard alone, per executor. The one-shard run pays the same fixed start-up
   (fingerprinting the encoder, planning, loading the encoder in the actor), so the difference of the two is
-  the rate a large corpus sees: ``steady = Σ(N - n_first) / Σ(t_all - t_first)`` over the rounds. The
-  end-to-end rate of the N-image runs is reported beside it.
+  the rate a large corpus sees: ``steady = (N - n_first) / (t_all - t_first)``. The end-to-end rate of the
+  N-image run is reported beside it.
 
 The selector is the learned one (a random-init checkpoint at ``SelectorModelConfig``'s defaults, keeping the top
 half), as ``conf/compress.yaml`` runs; ``--selector norm`` uses the training-free norm baseline instead.
 Ray runs on an in-process cluster started once (a cluster is already up when a job is submitted).
-Rates are pooled over rounds (total images / total seconds). On a shared host, wall time measures the share of
+Rates are medians over rounds and each ratio the median of its per-round ratios, so one round hit by another
+job's burst does not decide the figure. On a shared host, wall time measures the share of
 the cores a run got as much as its work, so CPU time per image (this process and its children, Ray's
 included) is reported too: ``cpu_efficiency`` = bare CPU per image / pipeline CPU per image.
 """
@@ -104,11 +105,6 @@ def with_cpu(run: Callable[[], int]) -> Callable[[], tuple[int, float]]:
     return measured
 
 
-def pooled(runs: list[tuple[float, tuple[int, float]]]) -> tuple[int, float, float]:
-    """(images, wall seconds, CPU seconds) summed over rounds."""
-    return (sum(n for _, (n, _) in runs), sum(t for t, _ in runs), sum(c for _, (_, c) in runs))
-
-
 def measure_encoder(encoder_name: str, images: int, executors: list[str], selector: str, work: Path,
                     rounds: int) -> dict[str, Any]:
     corpus = synthetic_corpus(work / "corpus", images)
@@ -124,25 +120,28 @@ def measure_encoder(encoder_name: str, images: int, executors: list[str], select
             variants[f"{executor}_{part}"] = with_cpu(lambda cfg=cfg: compress_once(cfg))
         variants[f"{executor}_first"]()  # warm-up: Ray's first dataset starts its workers and imports torch
     runs = interleaved(rounds, variants)
-    bare_n, bare_t, bare_c = pooled(runs["bare"])
+    bare_rates = [n / t for t, (n, _) in runs["bare"]]
+    bare_cpu = [c / n for _, (n, c) in runs["bare"]]
     result: dict[str, Any] = {
         "images": len(pixels), "batch_size": encoder.cfg.batch_size, "hidden_size": encoder.hidden_size,
-        "bare_images_per_s": round(bare_n / bare_t, 2), "bare_cpu_ms_per_image": round(1e3 * bare_c / bare_n, 1),
+        "bare_images_per_s": round(median(bare_rates), 2), "bare_cpu_ms_per_image": round(1e3 * median(bare_cpu), 1),
         "bare_seconds": [round(t, 2) for t, _ in runs["bare"]], "executors": {},
     }
     for executor in executors:
-        first_n, first_t, first_c = pooled(runs[f"{executor}_first"])
-        all_n, all_t, all_c = pooled(runs[f"{executor}_all"])
-        steady = (all_n - first_n) / (all_t - first_t)
-        steady_cpu = (all_c - first_c) / (all_n - first_n)
+        rounds_of = list(zip(runs[f"{executor}_first"], runs[f"{executor}_all"]))
+        steady = [(n_all - n_first) / (t_all - t_first) for (t_first, (n_first, _)), (t_all, (n_all, _)) in rounds_of]
+        steady_cpu = [(c_all - c_first) / (n_all - n_first)
+                      for (_, (n_first, c_first)), (_, (n_all, c_all)) in rounds_of]
+        end_to_end = [n / t for _, (t, (n, _)) in rounds_of]
+        startup = [t - n / rate for ((t, (n, _)), _), rate in zip(rounds_of, steady)]
         result["executors"][executor] = {
-            "steady_images_per_s": round(steady, 2),
-            "end_to_end_images_per_s": round(all_n / all_t, 2),
-            "startup_s": round((first_t - first_n / steady) / rounds, 2),
-            "steady_cpu_ms_per_image": round(1e3 * steady_cpu, 1),
-            "steady_vs_encoder": round(steady / (bare_n / bare_t), 3),
-            "end_to_end_vs_encoder": round((all_n / all_t) / (bare_n / bare_t), 3),
-            "cpu_efficiency": round((bare_c / bare_n) / steady_cpu, 3),
+            "steady_images_per_s": round(median(steady), 2),
+            "end_to_end_images_per_s": round(median(end_to_end), 2),
+            "startup_s": round(median(startup), 2),
+            "steady_cpu_ms_per_image": round(1e3 * median(steady_cpu), 1),
+            "steady_vs_encoder": round(median([s / b for s, b in zip(steady, bare_rates)]), 3),
+            "end_to_end_vs_encoder": round(median([e / b for e, b in zip(end_to_end, bare_rates)]), 3),
+            "cpu_efficiency": round(median([b / c for b, c in zip(bare_cpu, steady_cpu)]), 3),
             "all_seconds": [round(t, 2) for t, _ in runs[f"{executor}_all"]],
             "first_shard_seconds": [round(t, 2) for t, _ in runs[f"{executor}_first"]],
         }
@@ -163,7 +162,7 @@ def markdown(result: dict[str, Any]) -> str:
          "pipeline CPU ms/img", "bare / pipeline CPU"], rows)
     met = "met" if result["pipeline_vs_encoder"] >= TARGET else "not met"
     return (f"Synthetic 448 px images (16 per shard), `selector.method={result['selector']}` keeping the top half, "
-            f"batch size {result['batch_size']}, float32 on CPU, {result['rounds']} interleaved rounds (pooled).\n\n"
+            f"batch size {result['batch_size']}, float32 on CPU, {result['rounds']} interleaved rounds (medians).\n\n"
             f"{table}\n\n"
             f"Target: pipeline / bare encoder ≥ {TARGET} on `{HEADLINE_ENCODER}` — **{met}** "
             f"(`pipeline_vs_encoder` = {result['pipeline_vs_encoder']}, the worse executor's steady ratio).\n")
