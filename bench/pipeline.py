@@ -40,6 +40,7 @@ from bench.common import (
     interleaved,
     machine,
     markdown_table,
+    median,
     report,
     synthetic_corpus,
 )
