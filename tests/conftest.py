@@ -12,6 +12,7 @@ import uuid
 
 import boto3
 import pytest
+import torch
 from moto.server import ThreadedMotoServer
 
 FAKE_AWS_ENV = {
@@ -58,3 +59,15 @@ def s3_bucket(s3_server):
     name = f"atr-test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors on a busy 2-core host: syncing two threads per op costs far more than the maths.
+
+    It is also what the training job's workers use (train.cpus_per_worker=1).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -149,14 +149,6 @@ def signature_dataset(n: int, length: int = 32, dim: int = 16, seed: int = 0):
     return tokens, torch.ones(n, length, dtype=torch.bool), labels, carriers
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors: on a busy machine, syncing two threads per op costs far more than the maths."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_frozen_probe_reads_content_and_suffers_when_pruning_drops_it(one_thread):
     tokens, mask, labels, carriers = signature_dataset(256)

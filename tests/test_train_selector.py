@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import ray
-import torch
 
 from jobs.train_selector import encode_token_sets, main
 from pipeline.config import (
@@ -40,14 +39,6 @@ def job_config(corpus: Path, output: Path, *overrides: str) -> TrainSelectorConf
     return load_config(TrainSelectorConfig, str(REPO / "conf" / "train_selector.yaml"),
                        [f"input.path={corpus}", f"output={output}", *SMALL, *overrides])
 
-
-@pytest.fixture
-def one_thread():
-    # What the job's workers use (train.cpus_per_worker=1); two threads on a busy 2-core host run 10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_training_on_the_corpus_lowers_the_loss_and_the_reconstruction_error(corpus, one_thread):
