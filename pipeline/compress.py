@@ -18,19 +18,20 @@ from pipeline.executors import run_stages
 from pipeline.output_format import format_metadata
 from pipeline.progress import ProgressReporter
 from pipeline.run_plan import RunPlan, plan_compress
-from pipeline.selector import build_selector
+from pipeline.stages import Models
 from pipeline.storage import absolute_url, write_bytes
 
 
-def fingerprints(cfg: CompressConfig) -> tuple[str, str, int]:
-    """Encoder and selector fingerprints, computed on the driver's CPU; a bad checkpoint fails here, early."""
+def load_models(cfg: CompressConfig) -> Models:
+    """The encoder and selector, loaded here first, so a bad model or checkpoint fails early. A local run keeps
+    them for its stages, on their device; otherwise they are loaded on the CPU for their fingerprints only."""
+    runs_stages_here = cfg.executor == "local" and not cfg.dry_run
+    encoder_cfg = cfg.encoder if runs_stages_here else dataclasses.replace(cfg.encoder, device="cpu", compile=False)
     try:
-        encoder = VisionEncoder.from_config(dataclasses.replace(cfg.encoder, device="cpu", compile=False))
+        encoder = VisionEncoder.from_config(encoder_cfg)
     except OSError as exc:
         raise JobError(f"encoder {cfg.encoder.name!r} cannot be loaded: {exc}") from None
-    selector = build_selector(cfg.selector, encoder.fingerprint(), "cpu", side=encoder.side,
-                              storage_options=cfg.storage.storage_options())
-    return encoder.fingerprint(), selector.fingerprint(), encoder.hidden_size
+    return Models.around(encoder, cfg)
 
 
 def _file_metadata(plan: RunPlan, dim: int) -> dict[str, Any]:
@@ -83,8 +84,11 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     started = time.monotonic()
     cfg = with_absolute_paths(cfg)
     storage_options = cfg.storage.storage_options()
-    encoder_fp, selector_fp, dim = fingerprints(cfg)
-    plan = plan_compress(cfg, encoder_fp, selector_fp)
+    models = load_models(cfg)
+    dim = models.encoder.hidden_size
+    plan = plan_compress(cfg, models.encoder.fingerprint(), models.selector.fingerprint())
+    if cfg.executor != "local":
+        models = None  # the actors load their own; this copy only named them
     log(f"[compress] output {plan.output_dir} | shards {len(plan.shards)} | to do {len(plan.todo)} "
         f"| already committed {plan.skipped}")
     summary: dict[str, Any] = {
@@ -106,7 +110,7 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     committer = ShardCommitter(plan.output_dir, plan.run_id, storage_options)
     if plan.todo:
         progress = ProgressReporter(len(plan.todo), cfg.progress_interval_s)
-        for record in run_stages(plan, _file_metadata(plan, dim)):
+        for record in run_stages(plan, _file_metadata(plan, dim), models):
             if committer.observe(record) is not None or record["kind"] == "end":
                 totals = committer.totals
                 progress.update(shards_done=totals.shards_processed, images=totals.images,

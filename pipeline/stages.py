@@ -47,7 +47,7 @@ from pipeline.output_format import (
     samples_to_wds_tar,
     wds_key_problem,
 )
-from pipeline.selector import build_selector, select_tokens
+from pipeline.selector import TokenSelector, build_selector, select_tokens
 from pipeline.sources import Quarantined, ShardRef, iter_shard
 from pipeline.storage import filesystem_for
 
@@ -147,6 +147,21 @@ class SelectedBatch:
     ready: torch.cuda.Event | None = None  # on a GPU: recorded once the selection is done
 
 
+@dataclass(frozen=True)
+class Models:
+    """The encoder and the selector built for it, loaded once and shared by whoever needs them in a process."""
+
+    encoder: VisionEncoder
+    selector: TokenSelector
+
+    @classmethod
+    def around(cls, encoder: VisionEncoder, cfg: CompressConfig) -> Models:
+        """``encoder`` with ``cfg.selector`` built on its device (a learned one checked against its fingerprint)."""
+        selector = build_selector(cfg.selector, encoder.fingerprint(), encoder.device, side=encoder.side,
+                                  storage_options=cfg.storage.storage_options())
+        return cls(encoder, selector)
+
+
 class EncodeSelectStage:
     """Loads the encoder and selector once; each call encodes a batch of sample rows and keeps their tokens.
 
@@ -157,12 +172,12 @@ class EncodeSelectStage:
     stream, while the next batch's encoding runs) and :meth:`encoded_table` (the rows for the write stage).
     """
 
-    def __init__(self, cfg: CompressConfig) -> None:
+    def __init__(self, cfg: CompressConfig, models: Models | None = None) -> None:
+        """``models``: loaded already in this process for ``cfg`` (the local executor's driver loads them once)."""
         self.cfg = cfg
-        self.encoder = VisionEncoder.from_config(cfg.encoder)
+        models = models or Models.around(VisionEncoder.from_config(cfg.encoder), cfg)
+        self.encoder, self.selector = models.encoder, models.selector
         self.device = self.encoder.device
-        self.selector = build_selector(cfg.selector, self.encoder.fingerprint(), self.device,
-                                       side=self.encoder.side, storage_options=cfg.storage.storage_options())
         self.needs_cls_attention = cfg.selector.method == "cls_attention"
         self.jpeg_decoder = self._load_jpeg_decoder()
         on_gpu = self.device.type == "cuda"

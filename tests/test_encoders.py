@@ -26,7 +26,7 @@ from pipeline.encoders import (
     prepare_image,
     token_boxes,
 )
-from pipeline.encoders.tower import weights_fingerprint
+from pipeline.encoders.tower import resolve_device, weights_fingerprint
 
 # The "tiny" preset's geometry (224 px, patch 16, 14 x 14 tokens) with a narrower tower, for speed.
 CLIP_TINY = EncoderConfig(hidden_size=64, num_layers=3, num_heads=2, intermediate_size=128, device="cpu", batch_size=4)
@@ -149,6 +149,17 @@ def test_select_layer_matches_hidden_states(family, clip_encoder, siglip_encoder
 def test_select_layer_out_of_range_is_a_config_error(clip_encoder):
     with pytest.raises(ConfigError, match="select_layer"):
         VisionEncoder(clip_encoder.tower, dataclasses.replace(CLIP_TINY, select_layer=-8))
+
+
+def test_a_cuda_device_this_process_does_not_see_is_a_config_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ConfigError, match=r"encoder.device=cuda:1: this process sees 1 CUDA devices"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ConfigError, match=r"encoder.device=cuda: .* use auto or cpu"):
+        resolve_device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
 
 
 def test_cls_attention_matches_eager_attention(clip_encoder):

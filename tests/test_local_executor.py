@@ -133,6 +133,18 @@ def test_the_timeline_records_every_stage(corpus, tmp_path):
     assert all(s["busy_s"] > 0 and s["last_end_s"] >= s["first_start_s"] for s in summary.values())
 
 
+def test_a_local_run_loads_the_encoder_once(corpus, tmp_path, monkeypatch):
+    from pipeline.encoders import tower
+
+    loaded = []
+    build_tower = tower.build_tower
+    monkeypatch.setattr(tower, "build_tower", lambda cfg: loaded.append(cfg.device) or build_tower(cfg))
+    assert run_compress(config(corpus, tmp_path / "out", "encoder.device=cpu"))["images"] == 20
+    assert loaded == ["cpu"]  # the stage took the driver's encoder rather than loading its own
+    run_compress(config(corpus, tmp_path / "out2", "encoder.device=cpu", "dry_run=true"))
+    assert len(loaded) == 2
+
+
 def test_the_local_executor_runs_where_ray_is_not_installed(corpus, tmp_path):
     script = f"""
 import json, sys

@@ -103,7 +103,11 @@ def weights_fingerprint(tower: torch.nn.Module) -> str:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"encoder.device={name}: this process sees {torch.cuda.device_count()} CUDA devices "
+                          f"(torch {torch.__version__}); use auto or cpu")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -30,6 +30,7 @@ from pipeline.run_plan import RunPlan
 from pipeline.sources import ShardRef
 from pipeline.stages import (
     EncodeSelectStage,
+    Models,
     SelectedBatch,
     StagedBatch,
     WriteStage,
@@ -42,9 +43,9 @@ ROW_CHUNK = 32
 WRITE_THREADS = 4
 
 
-def run_local(plan: RunPlan, metadata: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def run_local(plan: RunPlan, metadata: dict[str, Any], models: Models | None = None) -> Iterator[dict[str, Any]]:
     cfg = plan.config
-    encode = EncodeSelectStage(cfg)
+    encode = EncodeSelectStage(cfg, models)
     if gpu_decode_requested(cfg) and not encode.decodes_jpegs_on_gpu:
         # The stage logged why; the decode threads then decode every image, in parallel.
         cfg = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, device="cpu"))
