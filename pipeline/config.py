@@ -207,8 +207,13 @@ class RayConfig:
     max_restarts: int = 2
     max_task_retries: int = 2
     max_retries: int = 2
+    # Encoder batches per actor call: the actor stages the next while the GPU encodes one. None: 4 on GPU
+    # actors, 1 on CPU ones (where there is nothing to overlap with).
+    batches_per_call: int | None = None
 
     def validate(self) -> None:
+        require(self.batches_per_call is None or self.batches_per_call >= 1, "batches_per_call",
+                "must be >= 1, or null for 4 on GPU actors and 1 on CPU ones")
         require(1 <= self.num_actors_min <= self.num_actors_max, "num_actors_min",
                 f"need 1 <= num_actors_min <= num_actors_max, got {self.num_actors_min} and {self.num_actors_max}")
         require(self.num_gpus_per_actor >= 0 and self.num_cpus_per_actor >= 0, "num_gpus_per_actor",

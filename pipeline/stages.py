@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import json
 import logging
 import secrets
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -50,6 +52,7 @@ from pipeline.output_format import (
 from pipeline.selector import TokenSelector, build_selector, select_tokens
 from pipeline.sources import Quarantined, ShardRef, iter_shard
 from pipeline.storage import filesystem_for
+from pipeline.timeline import record
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +129,20 @@ def decode_shard(shard: ShardRef, cfg: CompressConfig) -> Iterator[dict[str, Any
                source_fingerprint=shard.fingerprint)
 
 
+def batches(rows: Iterable[dict[str, Any]], batch_size: int) -> Iterator[list[dict[str, Any]]]:
+    """Consecutive rows, cut after every ``batch_size`` samples (other rows ride along)."""
+    batch: list[dict[str, Any]] = []
+    samples = 0
+    for row in rows:
+        batch.append(row)
+        samples += row["kind"] == "sample"
+        if samples == batch_size:
+            yield batch
+            batch, samples = [], 0
+    if batch:
+        yield batch
+
+
 @dataclass
 class StagedBatch:
     """A batch ready for the tower: its rows, the sample rows among them, and their tiles on the device."""
@@ -170,6 +187,8 @@ class EncodeSelectStage:
     a thread of its own), :meth:`encode_and_select` (tower, selector and selection queued on the device),
     :meth:`gather` (the kept tokens gathered on the device and copied back, in the stored dtype, on a third
     stream, while the next batch's encoding runs) and :meth:`encoded_table` (the rows for the write stage).
+    :meth:`encode_overlapped` chains them over a stream of batches (the local executor's whole run, a Ray
+    actor's call of ``ray.batches_per_call`` batches).
     """
 
     def __init__(self, cfg: CompressConfig, models: Models | None = None) -> None:
@@ -184,6 +203,7 @@ class EncodeSelectStage:
         self.staging_stream = torch.cuda.Stream(self.device) if on_gpu else None
         self.gather_stream = torch.cuda.Stream(self.device) if on_gpu else None
         self.samples_seen = 0
+        self._stage_pool: ThreadPoolExecutor | None = None  # for __call__, made on first use
         self._warm_up()
 
     @property
@@ -191,8 +211,46 @@ class EncodeSelectStage:
         return self.jpeg_decoder is not None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        staged = self.stage(batch_to_rows(batch))
-        return self.encoded_table(staged, self.gather(self.encode_and_select(staged)))
+        """A batch of decoded rows -> its ENCODED_SCHEMA rows, encoded ``encoder.batch_size`` samples at a time
+        with the overlap of :meth:`encode_overlapped`."""
+        if self._stage_pool is None:
+            self._stage_pool = ThreadPoolExecutor(1, thread_name_prefix="stage")
+        micro_batches = batches(batch_to_rows(batch), self.cfg.encoder.batch_size)
+        tables = [self.encoded_table(staged, kept)
+                  for staged, kept in self.encode_overlapped(micro_batches, self._stage_pool)]
+        return pa.concat_tables(tables) if tables else ENCODED_SCHEMA.empty_table()
+
+    def encode_overlapped(self, row_batches: Iterable[list[dict[str, Any]]],
+                          stage_pool: ThreadPoolExecutor) -> Iterator[tuple[StagedBatch, KeptTokens | None]]:
+        """Each batch's staged rows and kept tokens, in order. Batch k + 1 is staged in ``stage_pool`` while
+        batch k is queued on the device, and batch k - 1 is gathered only after that, so the device always has
+        work queued."""
+        staged: Future | None = None
+        selected: SelectedBatch | None = None  # queued on the device, not gathered yet
+        for rows in itertools.chain(row_batches, [None]):  # lazily: row_batches may be a stream
+            next_staged = stage_pool.submit(self._timed_stage, rows) if rows is not None else None
+            if staged is not None:
+                batch: StagedBatch = staged.result()
+                started = time.perf_counter()
+                previous, selected = selected, self.encode_and_select(batch)
+                record("encode", started, len(batch.samples))
+                if previous is not None:
+                    yield previous.staged, self._timed_gather(previous)
+            staged = next_staged
+        if selected is not None:
+            yield selected.staged, self._timed_gather(selected)
+
+    def _timed_stage(self, rows: list[dict[str, Any]]) -> StagedBatch:
+        started = time.perf_counter()
+        staged = self.stage(rows)
+        record("stage", started, len(staged.samples))
+        return staged
+
+    def _timed_gather(self, selected: SelectedBatch) -> KeptTokens | None:
+        started = time.perf_counter()
+        kept = self.gather(selected)
+        record("gather", started, len(selected.staged.samples))
+        return kept
 
     def stage(self, rows: list[dict[str, Any]]) -> StagedBatch:
         """Everything up to the batch's uint8 tiles on the device; a sample no decoder can read is quarantined."""

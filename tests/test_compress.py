@@ -19,10 +19,11 @@ from PIL import Image
 from pipeline.cli import JobError
 from pipeline.commit import CommittedShard, WrittenFile, commit_shard, list_committed
 from pipeline.compress import run_compress
-from pipeline.config import CompressConfig, CorpusConfig, load_config
+from pipeline.config import CompressConfig, ConfigError, CorpusConfig, load_config
 from pipeline.corpus import write_corpus
 from pipeline.decode import decode_image
 from pipeline.encoders import VisionEncoder
+from pipeline.executors.ray_data import actor_batch_rows
 from pipeline.loader import PrunedTokenDataset
 from pipeline.output_format import decode_tokens, read_format_metadata, read_manifest
 from pipeline.selector import build_selector, select_tokens
@@ -105,12 +106,23 @@ def test_golden_run_with_ray_writes_layout_and_tokens_match_the_selector(corpus,
 
 def test_local_and_ray_executors_store_the_same_rows(corpus, tmp_path, ray_cluster):
     local = run_compress(config(corpus, tmp_path / "a"))
-    distributed = run_compress(config(corpus, tmp_path / "b", "executor=ray"))
+    # Each actor call holds three encoder batches of 3 (staged while the previous one encodes); the local run
+    # encodes batches of 8. Neither changes what is stored.
+    distributed = run_compress(config(corpus, tmp_path / "b", "executor=ray", "encoder.batch_size=3",
+                                      "ray.batches_per_call=3"))
     assert local["cfg_hash"] == distributed["cfg_hash"]
     drop = ("source_shard",)
     a = sorted((tuple(v for k, v in r.items() if k not in drop) for r in stored_rows(local["output"])))
     b = sorted((tuple(v for k, v in r.items() if k not in drop) for r in stored_rows(distributed["output"])))
     assert a == b
+
+
+def test_actor_calls_hold_several_encoder_batches_on_gpu_actors():
+    assert actor_batch_rows(config("in", "out", "executor=ray")) == 8
+    assert actor_batch_rows(config("in", "out", "executor=ray", "ray.num_gpus_per_actor=1")) == 32
+    assert actor_batch_rows(config("in", "out", "ray.num_gpus_per_actor=1", "ray.batches_per_call=2")) == 16
+    with pytest.raises(ConfigError, match="ray.batches_per_call: must be >= 1"):
+        config("in", "out", "ray.batches_per_call=0")
 
 
 def test_rerun_does_no_work_and_keeps_the_manifest_byte_identical(corpus, tmp_path):

@@ -21,7 +21,7 @@ from pipeline.corpus import write_corpus
 from pipeline.decode import decode_image
 from pipeline.encoders import VisionEncoder
 from pipeline.executors import local
-from pipeline.executors.local import ROW_CHUNK, batches, decoded_rows
+from pipeline.executors.local import ROW_CHUNK, decoded_rows
 from pipeline.output_format import decode_tokens
 from pipeline.selector import build_selector, select_tokens
 from pipeline.sources import list_shards
@@ -29,6 +29,7 @@ from pipeline.stages import (
     DECODED_SCHEMA,
     EncodeSelectStage,
     batch_to_rows,
+    batches,
     decode_shard,
     rows_to_batch,
 )

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 from pipeline.config import CompressConfig
 from pipeline.gpu_decode import gpu_decode_requested
@@ -31,10 +31,10 @@ from pipeline.sources import ShardRef
 from pipeline.stages import (
     EncodeSelectStage,
     Models,
-    SelectedBatch,
     StagedBatch,
     WriteStage,
     batch_to_rows,
+    batches,
     decode_shard,
 )
 from pipeline.timeline import record
@@ -56,36 +56,10 @@ def run_local(plan: RunPlan, metadata: dict[str, Any], models: Models | None = N
     with contextlib.closing(decoded), ThreadPoolExecutor(1, thread_name_prefix="stage") as stage_pool, \
             ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="write") as write_pool:
         writes: deque[Future] = deque()
-        selected: SelectedBatch | None = None  # queued on the GPU, not gathered yet
-
-        def encode_next(staged: Future) -> None:
-            """Queue this batch on the GPU, then gather the previous one while it runs."""
-            nonlocal selected
-            batch: StagedBatch = staged.result()
-            started = time.perf_counter()
-            previous, selected = selected, encode.encode_and_select(batch)
-            record("encode", started, len(batch.samples))
-            if previous is not None:
-                gather_and_write(previous)
-
-        def gather_and_write(batch: SelectedBatch) -> None:
-            started = time.perf_counter()
-            kept = encode.gather(batch)
-            record("gather", started, len(batch.staged.samples))
-            writes.append(write_pool.submit(_write, write, encode, batch.staged, kept))
-
-        staged: Future | None = None
-        for rows in batches(decoded, cfg.encoder.batch_size):
-            next_staged = stage_pool.submit(_stage, encode, rows)
-            if staged is not None:
-                encode_next(staged)
-            staged = next_staged
+        for staged, kept in encode.encode_overlapped(batches(decoded, cfg.encoder.batch_size), stage_pool):
+            writes.append(write_pool.submit(_write, write, encode, staged, kept))
             while writes and (writes[0].done() or len(writes) > WRITE_THREADS):
                 yield from writes.popleft().result()
-        if staged is not None:
-            encode_next(staged)
-        if selected is not None:
-            gather_and_write(selected)
         while writes:
             yield from writes.popleft().result()
 
@@ -97,33 +71,12 @@ def decode_threads(jpegs_on_gpu: bool) -> int:
     return max(4, cpus // 4) if jpegs_on_gpu else cpus
 
 
-def _stage(encode: EncodeSelectStage, rows: list[dict[str, Any]]) -> StagedBatch:
-    started = time.perf_counter()
-    staged = encode.stage(rows)
-    record("stage", started, len(staged.samples))
-    return staged
-
-
 def _write(write: WriteStage, encode: EncodeSelectStage, batch: StagedBatch,
            kept: KeptTokens | None) -> list[dict[str, Any]]:
     started = time.perf_counter()
     records = batch_to_rows(write(encode.encoded_table(batch, kept)))
     record("write", started, len(batch.samples))
     return records
-
-
-def batches(rows: Iterable[dict[str, Any]], batch_size: int) -> Iterator[list[dict[str, Any]]]:
-    """Consecutive rows, cut after every ``batch_size`` samples (other rows ride along)."""
-    batch: list[dict[str, Any]] = []
-    samples = 0
-    for row in rows:
-        batch.append(row)
-        samples += row["kind"] == "sample"
-        if samples == batch_size:
-            yield batch
-            batch, samples = [], 0
-    if batch:
-        yield batch
 
 
 class _Failed:

@@ -60,6 +60,12 @@ class EncodeActor(EncodeSelectStage):
         super().__init__(cfg)
 
 
+def actor_batch_rows(cfg: CompressConfig) -> int:
+    """Samples per actor call: ``ray.batches_per_call`` encoder batches, which the actor overlaps."""
+    per_call = cfg.ray.batches_per_call or (4 if cfg.ray.num_gpus_per_actor > 0 else 1)
+    return per_call * cfg.encoder.batch_size
+
+
 def warn_if_actors_starve_decoding(cfg: CompressConfig, cluster_cpus: float) -> None:
     """Actors hold their CPUs for the whole run; if nothing is left for a decode task, the run waits for the
     cluster to grow (forever on a fixed one)."""
@@ -96,7 +102,7 @@ def run_ray(plan: RunPlan, metadata: dict[str, Any]) -> Iterator[dict[str, Any]]
     encoded = decoded.map_batches(
         EncodeActor,
         fn_constructor_args=(cfg,),
-        batch_size=cfg.encoder.batch_size,
+        batch_size=actor_batch_rows(cfg),
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=cfg.ray.num_actors_min, max_size=cfg.ray.num_actors_max),
         num_gpus=cfg.ray.num_gpus_per_actor,
