@@ -75,12 +75,23 @@ class CommittedOutput:
     fingerprint: str  # of the listed files and their row counts
 
 
+def data_file_urls(path_or_manifest: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """The committed data files of an output, in manifest order: for ``output.format=webdataset``,
+    ``webdataset.WebDataset(urls).map(decode_wds_sample)`` streams them (local paths; ``pipe:`` URLs for S3)."""
+    output_dir = output_dir_of(path_or_manifest)
+    return [f"{output_dir}/{m['path']}" for m in read_manifest(output_dir, dict(storage_options or {}))]
+
+
 def committed_output(path_or_manifest: str, storage_options: Mapping[str, Any] | None) -> CommittedOutput:
     output_dir = output_dir_of(path_or_manifest)
     storage_options = dict(storage_options or {})
     manifest = read_manifest(output_dir, storage_options)
     if not manifest:
         raise ValueError(f"{output_dir}/{MANIFEST_NAME} lists no data files")
+    if any(m["path"].endswith(".tar") for m in manifest):
+        raise ValueError(f"{output_dir} holds WebDataset tars (output.format=webdataset); this loader reads Parquet "
+                         "outputs. Stream the tars with webdataset.WebDataset(pipeline.loader.data_file_urls(OUTPUT))"
+                         ".map(pipeline.output_format.decode_wds_sample), or compress with output.format=parquet")
     files = [DataFile(f"{output_dir}/{m['path']}", m["rows"], m["bytes"]) for m in manifest]
     _check_files_present(files, storage_options, output_dir)
     with _open_parquet(files[0].url, storage_options, output_dir) as parquet:

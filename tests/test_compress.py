@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+import webdataset as wds
 from PIL import Image
 
 from pipeline.cli import JobError
@@ -24,8 +25,8 @@ from pipeline.corpus import write_corpus
 from pipeline.decode import decode_image
 from pipeline.encoders import VisionEncoder
 from pipeline.executors.ray_data import actor_batch_rows
-from pipeline.loader import PrunedTokenDataset
-from pipeline.output_format import decode_tokens, read_format_metadata, read_manifest
+from pipeline.loader import PrunedTokenDataset, data_file_urls
+from pipeline.output_format import decode_tokens, decode_wds_sample, read_format_metadata, read_manifest
 from pipeline.selector import build_selector, select_tokens
 from pipeline.sources import iter_shard, list_shards
 from pipeline.storage import filesystem_for
@@ -183,6 +184,13 @@ def test_full_token_baseline_and_webdataset_output(corpus, tmp_path):
     names = [n for t in tars for n in tarfile.open(t).getnames()]
     assert len([n for n in names if n.endswith(".tokens.npy")]) == 16
     assert {n.split(".", 1)[1] for n in names} == {"tokens.npy", "positions.npy", "json"}
+
+    # Readers stream the tars with webdataset; the Parquet loader says so instead of failing on a tar.
+    samples = list(wds.WebDataset(data_file_urls(str(out)), shardshuffle=False).map(decode_wds_sample))
+    assert sorted(s["key"] for s in samples) == corpus_keys(corpus)
+    assert all(s["tokens"].shape == (196, 192) and s["positions"].tolist() == list(range(196)) for s in samples)
+    with pytest.raises(ValueError, match=r"holds WebDataset tars \(output.format=webdataset\).*data_file_urls"):
+        PrunedTokenDataset(str(out))
 
 
 def test_a_crash_between_write_and_commit_leaves_nothing_visible(corpus, tmp_path):
