@@ -13,6 +13,8 @@ decodes the raw JPEGs on the CPU and says so once in the log.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import io
 import logging
 from typing import Callable
@@ -36,14 +38,22 @@ JpegBatchDecoder = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
 def gpu_decode_requested(cfg: CompressConfig) -> bool:
-    """``decode.device``: cuda, or auto where the encode stage runs on a GPU."""
+    """``decode.device``: cuda, or auto where the encode stage runs on a GPU and torchvision is installed
+    (without it the encode stage would decode every JPEG itself, on one core, rather than in the decode tasks)."""
     if cfg.decode.device != "auto":
         return cfg.decode.device == "cuda"
-    if not (cfg.encoder.device == "auto" or cfg.encoder.device.startswith("cuda")):
+    if not (cfg.encoder.device == "auto" or cfg.encoder.device.startswith("cuda")) or not torchvision_installed():
         return False
     if cfg.executor == "ray":  # the decode tasks may run where the actors' GPUs are not
         return cfg.ray.num_gpus_per_actor > 0
     return torch.cuda.is_available()
+
+
+@functools.cache
+def torchvision_installed() -> bool:
+    """Found, not imported: importing it costs a second, and one that will not import beside this torch is
+    caught where nvJPEG is loaded, which then decodes on the CPU and says why."""
+    return importlib.util.find_spec("torchvision") is not None
 
 
 def jpeg_size_for_gpu(data: bytes, cfg: DecodeConfig) -> tuple[int, int] | None:

@@ -21,7 +21,7 @@ from transformers import (
     SiglipImageProcessorPil,
 )
 
-from pipeline import kept_tokens
+from pipeline import gpu_decode, kept_tokens
 from pipeline.compress import run_compress
 from pipeline.config import CompressConfig, DecodeConfig, EncoderConfig, load_config
 from pipeline.encoders import normalize_pixels, prepare_image
@@ -166,16 +166,20 @@ def test_only_plain_complete_jpegs_go_to_the_gpu():
     assert jpeg_size_for_gpu(encoded(photo), dataclasses.replace(cfg, max_bytes=100)) is None
 
 
-def test_decode_device_auto_follows_the_encoders_device():
+def test_decode_device_auto_follows_the_encoders_device(monkeypatch):
     def cfg(*overrides: str) -> CompressConfig:
         return load_config(CompressConfig, None, list(overrides))
 
+    monkeypatch.setattr(gpu_decode, "torchvision_installed", lambda: True)
     assert gpu_decode_requested(cfg("decode.device=cuda"))
     assert not gpu_decode_requested(cfg("decode.device=cpu", "executor=local"))
     assert gpu_decode_requested(cfg("executor=local")) == torch.cuda.is_available()
     assert not gpu_decode_requested(cfg("executor=local", "encoder.device=cpu"))
     assert gpu_decode_requested(cfg("executor=ray", "ray.num_gpus_per_actor=1"))
     assert not gpu_decode_requested(cfg("executor=ray", "ray.num_gpus_per_actor=0"))
+    monkeypatch.setattr(gpu_decode, "torchvision_installed", lambda: False)
+    assert not gpu_decode_requested(cfg("executor=ray", "ray.num_gpus_per_actor=1"))  # auto needs torchvision
+    assert gpu_decode_requested(cfg("executor=ray", "ray.num_gpus_per_actor=1", "decode.device=cuda"))
     decoder, why_not = load_nvjpeg(torch.device("cpu"))
     assert decoder is None and "not a CUDA device" in why_not
     if not torch.cuda.is_available():  # without torchvision, or with it but no GPU to decode on
