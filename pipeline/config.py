@@ -87,6 +87,13 @@ class EncoderConfig:
         side = self.image_size // self.patch_size
         return side * side
 
+    @property
+    def max_tiles(self) -> int:
+        """Tiles of one image at the most: 1, or with ``anyres`` the base tile and the largest pinpoint grid."""
+        if not self.anyres:
+            return 1
+        return 1 + max((h // self.image_size) * (w // self.image_size) for h, w in self.image_grid_pinpoints)
+
 
 @dataclass(kw_only=True)
 class StorageConfig:

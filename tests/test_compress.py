@@ -24,7 +24,7 @@ from pipeline.config import CompressConfig, ConfigError, CorpusConfig, load_conf
 from pipeline.corpus import write_corpus
 from pipeline.decode import decode_image
 from pipeline.encoders import VisionEncoder
-from pipeline.executors.ray_data import actor_batch_rows
+from pipeline.executors.ray_data import actor_batch_rows, write_batch_rows
 from pipeline.loader import PrunedTokenDataset, data_file_urls
 from pipeline.output_format import decode_tokens, decode_wds_sample, read_format_metadata, read_manifest
 from pipeline.selector import build_selector, select_tokens
@@ -124,6 +124,16 @@ def test_actor_calls_hold_several_encoder_batches_on_gpu_actors():
     assert actor_batch_rows(config("in", "out", "ray.num_gpus_per_actor=1", "ray.batches_per_call=2")) == 16
     with pytest.raises(ConfigError, match="ray.batches_per_call: must be >= 1"):
         config("in", "out", "ray.batches_per_call=0")
+
+
+def test_write_tasks_take_fewer_rows_where_rows_can_be_large():
+    assert write_batch_rows(config("in", "out"), dim=192) == 512  # tiny: 196 tokens, 75 KB a row at most
+    clip_l = load_config(CompressConfig, None, ["encoder=clip-vit-l-336"])
+    assert clip_l.encoder.max_tiles == 5  # anyres: the base tile and a 2x2 grid at the most
+    assert write_batch_rows(clip_l, dim=1024) == 256 * 2**20 // (5 * 576 * 1024 * 2) == 45
+    plain_fp32 = load_config(CompressConfig, None, ["encoder=clip-vit-l-336", "encoder.anyres=false",
+                                                    "output.dtype=float32"])
+    assert plain_fp32.encoder.max_tiles == 1 and write_batch_rows(plain_fp32, dim=1024) == 113
 
 
 def test_rerun_does_no_work_and_keeps_the_manifest_byte_identical(corpus, tmp_path):

@@ -17,12 +17,15 @@ import torch
 
 from pipeline.cli import log
 from pipeline.config import CompressConfig
+from pipeline.output_format import STORAGE_NUMPY
 from pipeline.run_plan import RunPlan
 from pipeline.sources import ShardRef
 from pipeline.stages import EncodeSelectStage, WriteStage, batch_to_rows, decode_shard
 
-# Batches of the write stage: rows are small (kept tokens), so bigger batches mean fewer, larger part files.
+# Batches of the write stage: bigger batches mean fewer, larger part files, up to a bound on the bytes a write
+# task holds (reckoned as if every token were kept).
 WRITE_BATCH_ROWS = 512
+WRITE_BATCH_BYTES = 256 * 2**20
 
 
 def init_ray(cfg: CompressConfig) -> None:
@@ -64,6 +67,13 @@ def actor_batch_rows(cfg: CompressConfig) -> int:
     """Samples per actor call: ``ray.batches_per_call`` encoder batches, which the actor overlaps."""
     per_call = cfg.ray.batches_per_call or (4 if cfg.ray.num_gpus_per_actor > 0 else 1)
     return per_call * cfg.encoder.batch_size
+
+
+def write_batch_rows(cfg: CompressConfig, dim: int) -> int:
+    """Rows per write task: ``WRITE_BATCH_ROWS``, or fewer where a row can be large (a 1024-wide anyres encoder
+    stores up to 5.9 MB of float16 tokens per image, so 512 such rows would be 3 GB in one task)."""
+    row_bytes = cfg.encoder.max_tiles * cfg.encoder.tokens_per_tile * dim * STORAGE_NUMPY[cfg.output.dtype].itemsize
+    return max(1, min(WRITE_BATCH_ROWS, WRITE_BATCH_BYTES // row_bytes))
 
 
 def warn_if_actors_starve_decoding(cfg: CompressConfig, cluster_cpus: float) -> None:
@@ -114,7 +124,7 @@ def run_ray(plan: RunPlan, metadata: dict[str, Any]) -> Iterator[dict[str, Any]]
     written = encoded.map_batches(
         _write,
         fn_kwargs={"cfg": cfg, "output_dir": plan.output_dir, "run_id": plan.run_id, "metadata": metadata},
-        batch_size=WRITE_BATCH_ROWS,
+        batch_size=write_batch_rows(cfg, metadata["dim"]),
         batch_format="pyarrow",
         num_cpus=0.5,
         max_retries=cfg.ray.max_retries,
