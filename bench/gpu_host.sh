@@ -21,6 +21,10 @@ fetch)
     ;;
 run)
     shift
+    if ! compgen -G ".whl/*.whl" >/dev/null; then
+        echo "no wheels in .whl/: run 'bash bench/gpu_host.sh fetch' where pip can download, and bring .whl/ along" >&2
+        exit 2
+    fi
     python3 -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
