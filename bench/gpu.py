@@ -56,9 +56,10 @@ from pipeline.encoders import VisionEncoder, prepare_image
 from pipeline.gpu_decode import decode_jpegs, jpeg_size_for_gpu, load_nvjpeg
 from pipeline.gpu_preprocess import prepare_images
 from pipeline.kept_tokens import per_image
-from pipeline.selector import SelectorAutoencoder, build_selector, select_tokens
+from pipeline.selector import SelectorAutoencoder, select_tokens
 from pipeline.selector.checkpoint import encoder_identity, save_checkpoint
 from pipeline.sources import iter_shard, list_shards
+from pipeline.stages import Models
 from pipeline.timeline import recording
 
 FIDELITY_IMAGES = 64
@@ -137,7 +138,7 @@ def bare_encoder(cfg: CompressConfig, encoder: VisionEncoder, host_tiles: np.nda
     tiles_per_image = len(tiles) / images
     batch = cfg.encoder.batch_size
     chunks = [tiles[start : start + batch] for start in range(0, len(tiles) - batch + 1, batch)]
-    selector = build_selector(cfg.selector, encoder.fingerprint(), encoder.device, side=encoder.side)
+    selector = Models.around(encoder, cfg).selector
 
     def encoder_only() -> None:
         for chunk in chunks:

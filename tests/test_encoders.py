@@ -354,5 +354,5 @@ def test_token_boxes_locate_what_each_token_sees(cfg, size):
 def test_presets_load_with_their_token_counts(preset, plain, anyres_max):
     cfg = load_config(CompressConfig, overrides=[f"encoder={preset}", "encoder.pretrained=null"]).encoder
     assert cfg.name == preset and cfg.tokens_per_tile == plain
-    tiles = max(h * w // cfg.image_size**2 for h, w in cfg.image_grid_pinpoints)
-    assert (1 + tiles) * cfg.tokens_per_tile == anyres_max
+    assert dataclasses.replace(cfg, anyres=False).max_tiles == 1
+    assert dataclasses.replace(cfg, anyres=True).max_tiles * cfg.tokens_per_tile == anyres_max
