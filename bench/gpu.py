@@ -49,17 +49,17 @@ from bench.common import (
     write_result,
 )
 from bench.jpeg_corpus import write_jpeg_corpus
-from pipeline.compress import run_compress
+from pipeline.compress.run import run_compress
 from pipeline.config import CompressConfig, SelectorModelConfig, load_config
-from pipeline.decode import decode_image
 from pipeline.encoders import VisionEncoder, prepare_image
-from pipeline.gpu_decode import decode_jpegs, jpeg_size_for_gpu, load_nvjpeg
-from pipeline.gpu_preprocess import prepare_images
-from pipeline.kept_tokens import per_image
+from pipeline.encoders.gpu_preprocess import prepare_images
 from pipeline.selector import SelectorAutoencoder, select_tokens
 from pipeline.selector.checkpoint import encoder_identity, save_checkpoint
 from pipeline.sources import iter_shard, list_shards
-from pipeline.stages import Models
+from pipeline.sources.decode import decode_image
+from pipeline.stages.encode_select import Models
+from pipeline.stages.gpu_decode import decode_jpegs, jpeg_size_for_gpu, load_nvjpeg
+from pipeline.stages.kept_tokens import per_image
 from pipeline.timeline import recording
 
 FIDELITY_IMAGES = 64

@@ -44,13 +44,13 @@ from bench.common import (
     report,
     synthetic_corpus,
 )
-from pipeline.compress import run_compress
+from pipeline.compress.run import run_compress
 from pipeline.config import CompressConfig, SelectorModelConfig, load_config
-from pipeline.decode import decode_image
 from pipeline.encoders import VisionEncoder, prepare_image
 from pipeline.selector import SelectorAutoencoder
 from pipeline.selector.checkpoint import encoder_identity, save_checkpoint
 from pipeline.sources import iter_shard, list_shards
+from pipeline.sources.decode import decode_image
 
 TARGET = 0.8
 HEADLINE_ENCODER = "vit-b-16"

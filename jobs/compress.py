@@ -4,7 +4,7 @@
 """
 
 from pipeline.cli import run_job
-from pipeline.compress import run_compress
+from pipeline.compress.run import run_compress
 from pipeline.config import CompressConfig
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pipeline.cli import JobError, log, run_job
-from pipeline.config import require
+from pipeline.cli import log, run_job
+from pipeline.config import JobError, require
 
 
 @dataclass(kw_only=True)

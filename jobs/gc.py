@@ -4,7 +4,7 @@
 """
 
 from pipeline.cli import log, run_job
-from pipeline.gc import GcConfig, find_orphans, remove
+from pipeline.output.gc import GcConfig, find_orphans, remove
 
 
 def main(cfg: GcConfig) -> dict:

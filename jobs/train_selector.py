@@ -21,11 +21,10 @@ import ray.train.torch
 import torch
 from torch import Tensor
 
-from pipeline.cli import JobError, log, run_job
-from pipeline.config import ConfigError, TrainSelectorConfig
-from pipeline.decode import DecodeError, decode_image
+from pipeline.cli import log, run_job
+from pipeline.config import ConfigError, JobError, TrainSelectorConfig
 from pipeline.encoders import VisionEncoder
-from pipeline.ray_train import fit, init_ray, mean_over_workers, threads_per_worker
+from pipeline.ray_train.trainer import fit, init_ray, mean_over_workers, threads_per_worker
 from pipeline.selector.checkpoint import (
     checkpoint_dir,
     encoder_identity,
@@ -38,6 +37,7 @@ from pipeline.selector.checkpoint import (
 from pipeline.selector.model import SelectorAutoencoder
 from pipeline.selector.training import make_optimizer, sample_batches, train_loop
 from pipeline.sources import Quarantined, ShardRef, iter_shard, list_shards
+from pipeline.sources.decode import DecodeError, decode_image
 from pipeline.storage import (
     absolute_url,
     filesystem_for,

@@ -2,7 +2,7 @@
 
 A Ray Train ``TorchTrainer`` (DDP). Each worker reads its share of a compress output through
 ``PrunedTokenDataset``, feeds the kept tokens through the model's projector into the language model
-(``pipeline.vlm``; no vision tower runs) and learns to produce the stored captions. Rank 0 writes
+(``pipeline.vlm.feed``; no vision tower runs) and learns to produce the stored captions. Rank 0 writes
 ``{output}/checkpoint/``; the summary names it as ``checkpoint`` and reports first and final loss.
 """
 
@@ -18,15 +18,15 @@ import ray.train.torch
 import torch
 
 from pipeline.cli import log, run_job
-from pipeline.collate import pack_collate, pad_collate
 from pipeline.config import ConfigError
 from pipeline.loader import PrunedTokenDataset, PrunedTokenLoader
-from pipeline.output_format import MANIFEST_NAME
-from pipeline.ray_train import fit, init_ray, mean_over_workers, threads_per_worker
+from pipeline.loader.collate import pack_collate, pad_collate
+from pipeline.output.format import MANIFEST_NAME
+from pipeline.ray_train.trainer import fit, init_ray, mean_over_workers, threads_per_worker
 from pipeline.storage import absolute_url, filesystem_for, join_url, url_for
-from pipeline.vlm import CaptionCollator, CaptionLoss, image_newline, image_token_id
-from pipeline.vlm_config import TrainVLMConfig
-from pipeline.vlm_train import (
+from pipeline.vlm.config import TrainVLMConfig
+from pipeline.vlm.feed import CaptionCollator, CaptionLoss, image_newline, image_token_id
+from pipeline.vlm.train import (
     PROJECTOR_FILE,
     TORCH_DTYPES,
     checkpoint_url,

@@ -7,21 +7,31 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import traceback
 from typing import Any, Callable, NoReturn, TypeVar
 
-from pipeline.config import ConfigError, load_config, to_dict
+from pipeline.config import ConfigError, JobError, load_config, to_dict
 
 T = TypeVar("T")
-
-
-class JobError(RuntimeError):
-    """A systemic runtime failure with a message a user can act on (exit 1, no traceback)."""
+_job_log = logging.getLogger("pipeline.cli")
 
 
 def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A job's own progress line, through the same handler as the library's loggers."""
+    _job_log.info(message)
+
+
+def install_log_handler() -> None:
+    """Library modules log through ``logging.getLogger(__name__)``; a job prints their INFO lines to stderr."""
+    logger = logging.getLogger("pipeline")
+    if not any(getattr(h, "atr_job_handler", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.atr_job_handler = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def parse_args(cls: type[T], argv: list[str] | None, prog: str, flags: dict[str, str] | None = None) -> T:
@@ -49,6 +59,7 @@ def run_job(
     prog: str = "atr",
     flags: dict[str, str] | None = None,
 ) -> NoReturn:
+    install_log_handler()
     try:
         config = parse_args(cls, argv, prog, flags)
     except ConfigError as exc:

@@ -27,6 +27,10 @@ class ConfigError(ValueError):
     """A user-caused configuration problem; jobs print it as one line and exit 2."""
 
 
+class JobError(RuntimeError):
+    """A systemic runtime failure with a message a user can act on; jobs print it as one line and exit 1."""
+
+
 def require(condition: bool, key: str, allowed: str) -> None:
     """For ``validate()`` methods: reject a value, naming the key (relative to its section) and what is allowed."""
     if not condition:

@@ -17,10 +17,10 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline.commit import list_committed
 from pipeline.config import InputConfig
 from pipeline.loader import PrunedTokenDataset
-from pipeline.output_format import read_manifest
+from pipeline.output.commit import list_committed
+from pipeline.output.format import read_manifest
 from pipeline.sources import RawSample, iter_shard, list_shards
 from pipeline.storage import filesystem_for
 

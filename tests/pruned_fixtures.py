@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.output_format import (
+from pipeline.output.format import (
     MANIFEST_NAME,
     MANIFEST_SCHEMA,
     TORCH_DTYPES,

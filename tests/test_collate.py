@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.collate import TokenBudgetBatcher, pack_collate, pack_samples, pad_collate
+from pipeline.loader.collate import TokenBudgetBatcher, pack_collate, pack_samples, pad_collate
 
 DIM = 3
 

@@ -17,18 +17,17 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline.cli import JobError
-from pipeline.commit import CommittedShard, WrittenFile, commit_shard, list_committed
-from pipeline.compress import run_compress
-from pipeline.config import CompressConfig, ConfigError, CorpusConfig, load_config
+from pipeline.compress.executors.ray_data import actor_batch_rows, write_batch_rows
+from pipeline.compress.run import run_compress
+from pipeline.config import CompressConfig, ConfigError, CorpusConfig, JobError, load_config
 from pipeline.corpus import write_corpus
-from pipeline.decode import decode_image
 from pipeline.encoders import VisionEncoder
-from pipeline.executors.ray_data import actor_batch_rows, write_batch_rows
 from pipeline.loader import PrunedTokenDataset, data_file_urls
-from pipeline.output_format import decode_tokens, decode_wds_sample, read_format_metadata, read_manifest
+from pipeline.output.commit import CommittedShard, WrittenFile, commit_shard, list_committed
+from pipeline.output.format import decode_tokens, decode_wds_sample, read_format_metadata, read_manifest
 from pipeline.selector import build_selector, select_tokens
 from pipeline.sources import iter_shard, list_shards
+from pipeline.sources.decode import decode_image
 from pipeline.storage import filesystem_for
 
 RATIO = ["selector.method=norm", "selector.mode=ratio", "selector.ratio=0.5"]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.compress.plan import output_fingerprint_payload
 from pipeline.config import (
     CompressConfig,
     ConfigError,
@@ -13,7 +14,6 @@ from pipeline.config import (
     preset_names,
     stable_hash,
 )
-from pipeline.run_plan import output_fingerprint_payload
 
 REPO = Path(__file__).resolve().parent.parent
 BASELINE = ["selector.method=random"]

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image, ImageFile, ImageOps
 
 from pipeline.config import DecodeConfig
-from pipeline.decode import DecodeError, decode_image
+from pipeline.sources.decode import DecodeError, decode_image
 
 CFG = DecodeConfig()
 REASON_PREFIXES = ("empty:", "too large:", "not an image:", "too many pixels:", "truncated:", "corrupt:")

@@ -19,8 +19,8 @@ from pipeline.evaluation.metrics import vqa_accuracy
 from pipeline.evaluation.vlm_runner import evaluate_vlm
 from pipeline.selector.checkpoint import encoder_identity, save_checkpoint
 from pipeline.selector.model import SelectorAutoencoder
-from pipeline.vlm_config import VLMModelConfig
-from pipeline.vlm_train import byte_tokenizer, tiny_vlm
+from pipeline.vlm.config import VLMModelConfig
+from pipeline.vlm.train import byte_tokenizer, tiny_vlm
 
 # Anyres with 2x2 patches per tile: images get 1 + up to 4 tiles, so token counts differ per question.
 ENCODER = EncoderConfig(name="tiny-vlm-test", image_size=32, patch_size=16, hidden_size=16, num_layers=2, num_heads=2,

@@ -24,10 +24,10 @@ from job_runs import (
     summary_of,
 )
 
-from pipeline.commit import list_committed, sha256_hex
 from pipeline.config import CorpusConfig
 from pipeline.corpus import write_corpus
-from pipeline.output_format import IncompleteOutputError, read_manifest
+from pipeline.output.commit import list_committed, sha256_hex
+from pipeline.output.format import IncompleteOutputError, read_manifest
 from pipeline.storage import read_bytes
 
 pytestmark = pytest.mark.slow

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from jobs.gc import main as gc_main
-from pipeline.commit import CommittedShard, WrittenFile, commit_shard
 from pipeline.config import ConfigError, load_config
-from pipeline.gc import GcConfig, find_orphans, remove
+from pipeline.output.commit import CommittedShard, WrittenFile, commit_shard
+from pipeline.output.gc import GcConfig, find_orphans, remove
 from pipeline.storage import filesystem_for, list_files, write_bytes
 
 HOUR = 3600.0

@@ -21,24 +21,24 @@ from transformers import (
     SiglipImageProcessorPil,
 )
 
-from pipeline import gpu_decode, kept_tokens
-from pipeline.compress import run_compress
+from pipeline.compress.run import run_compress
 from pipeline.config import CompressConfig, DecodeConfig, EncoderConfig, load_config
 from pipeline.encoders import normalize_pixels, prepare_image
-from pipeline.gpu_decode import (
+from pipeline.encoders.gpu_preprocess import (
+    pil_height_first_rule,
+    prepare_images,
+    resize_like_pil,
+)
+from pipeline.sources import list_shards
+from pipeline.stages import gpu_decode, kept_tokens
+from pipeline.stages.encode_select import EncodeSelectStage, batch_to_rows, decode_shard
+from pipeline.stages.gpu_decode import (
     decode_jpegs,
     gpu_decode_requested,
     jpeg_size_for_gpu,
     load_nvjpeg,
 )
-from pipeline.gpu_preprocess import (
-    pil_height_first_rule,
-    prepare_images,
-    resize_like_pil,
-)
-from pipeline.kept_tokens import gather_kept, per_image
-from pipeline.sources import list_shards
-from pipeline.stages import EncodeSelectStage, batch_to_rows, decode_shard
+from pipeline.stages.kept_tokens import gather_kept, per_image
 from tests.test_compress import stored_rows
 from tests.test_encoders import CLIP_TINY, SIGLIP_TINY, expand2square, photo_like
 
@@ -286,7 +286,7 @@ def test_decode_jpegs_refuses_an_image_of_the_wrong_size():
 
 
 def test_cuda_decode_without_a_gpu_falls_back_to_the_cpu_with_a_note(mixed_shard, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="pipeline.stages"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.stages.encode_select"):
         on_cuda = run_compress(config(mixed_shard, tmp_path / "a", "decode.device=cuda"))
     assert "decode.device=cuda" in caplog.text and "decoding JPEGs on the CPU instead" in caplog.text
     on_cpu = run_compress(config(mixed_shard, tmp_path / "b", "decode.device=cpu"))

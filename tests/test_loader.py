@@ -15,7 +15,7 @@ from pipeline.loader import (
     shuffle_buffer_order,
     split_range,
 )
-from pipeline.output_format import IncompleteOutputError
+from pipeline.output.format import IncompleteOutputError
 
 SHARDS = [11, 6, 9, 14]  # 40 rows in row groups of 4
 

@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.compress import run_compress
+from pipeline.compress.executors import local
+from pipeline.compress.executors.local import ROW_CHUNK, decoded_rows
+from pipeline.compress.run import run_compress
 from pipeline.config import CompressConfig, CorpusConfig, load_config
 from pipeline.corpus import write_corpus
-from pipeline.decode import decode_image
 from pipeline.encoders import VisionEncoder
-from pipeline.executors import local
-from pipeline.executors.local import ROW_CHUNK, decoded_rows
-from pipeline.output_format import decode_tokens
+from pipeline.output.format import decode_tokens
 from pipeline.selector import build_selector, select_tokens
 from pipeline.sources import list_shards
-from pipeline.stages import (
+from pipeline.sources.decode import decode_image
+from pipeline.stages.encode_select import (
     DECODED_SCHEMA,
     EncodeSelectStage,
     batch_to_rows,
@@ -150,7 +150,7 @@ def test_the_local_executor_runs_where_ray_is_not_installed(corpus, tmp_path):
     script = f"""
 import json, sys
 sys.modules["ray"] = None  # any `import ray` now fails
-from pipeline.compress import run_compress
+from pipeline.compress.run import run_compress
 from pipeline.config import CompressConfig, load_config
 cfg = load_config(CompressConfig, None, ["input.path={corpus}", "output.path={tmp_path / 'out'}",
                                          "executor=local", "selector.method=norm"])

@@ -9,8 +9,8 @@ import torch
 import webdataset as wds
 from pruned_fixtures import fixture_meta, write_output
 
-from pipeline import output_format
-from pipeline.output_format import (
+from pipeline.output import format as output_format
+from pipeline.output.format import (
     TORCH_DTYPES,
     IncompleteOutputError,
     decode_tokens,

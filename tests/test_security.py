@@ -23,7 +23,7 @@ from job_runs import (
 from PIL import Image
 
 from pipeline.cli import run_job as run_job_in_process
-from pipeline.compress import run_compress
+from pipeline.compress.run import run_compress
 from pipeline.config import CompressConfig, CorpusConfig, load_config
 from pipeline.corpus import write_corpus, write_shard
 from pipeline.storage import filesystem_for

@@ -10,7 +10,6 @@ import pytest
 from PIL import Image
 
 from pipeline.config import ConfigError, DecodeConfig, InputConfig
-from pipeline.decode import DecodeError, decode_image
 from pipeline.sources import (
     REST_OF_SHARD,
     Quarantined,
@@ -18,6 +17,7 @@ from pipeline.sources import (
     iter_shard,
     list_shards,
 )
+from pipeline.sources.decode import DecodeError, decode_image
 from pipeline.storage import join_url, write_bytes
 
 

@@ -11,10 +11,10 @@ import torch
 from jobs.train_vlm import main, resolve_input
 from pipeline.config import ConfigError, load_config
 from pipeline.loader import PrunedTokenDataset, PrunedTokenLoader
-from pipeline.output_format import MANIFEST_SCHEMA, encode_rows, format_metadata
-from pipeline.vlm import CaptionCollator, CaptionLoss, image_token_id
-from pipeline.vlm_config import TrainVLMConfig
-from pipeline.vlm_train import (
+from pipeline.output.format import MANIFEST_SCHEMA, encode_rows, format_metadata
+from pipeline.vlm.config import TrainVLMConfig
+from pipeline.vlm.feed import CaptionCollator, CaptionLoss, image_token_id
+from pipeline.vlm.train import (
     PROJECTOR_FILE,
     endless,
     load_trained,

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from pipeline.collate import pack_collate, pad_collate
-from pipeline.vlm import (
+from pipeline.loader.collate import pack_collate, pad_collate
+from pipeline.vlm.config import VLMModelConfig
+from pipeline.vlm.feed import (
     IGNORE_INDEX,
     NEWLINE,
     CaptionCollator,
@@ -14,8 +15,7 @@ from pipeline.vlm import (
     tokenize_prompts,
     vlm_core,
 )
-from pipeline.vlm_config import VLMModelConfig
-from pipeline.vlm_train import byte_tokenizer, tiny_vlm
+from pipeline.vlm.train import byte_tokenizer, tiny_vlm
 
 DIM, SIDE = 12, 3
 PER_TILE = SIDE * SIDE

@@ -8,6 +8,7 @@ keep ratio is a cut of those scores. Only per-image numbers are kept, so memory 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections import defaultdict
@@ -18,8 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cli import JobError, log
-from pipeline.config import SelectorConfig
+from pipeline.config import JobError, SelectorConfig
 from pipeline.encoders import VisionEncoder, token_boxes
 from pipeline.evaluation import metrics
 from pipeline.evaluation.config import EvaluateConfig
@@ -49,6 +49,8 @@ from pipeline.selector import build_selector, load_checkpoint, select_tokens
 from pipeline.selector.learned import LearnedSelector
 from pipeline.selector.loss import reconstruction_error
 from pipeline.selector.model import SelectorAutoencoder
+
+log = logging.getLogger(__name__)
 
 HEADLINE_RATIOS = (0.3, 0.5)
 
@@ -111,7 +113,7 @@ def fit_probe(cfg: EvaluateConfig, encoder: VisionEncoder, device: torch.device)
         "train_accuracy": train_accuracy,
         "seconds": round(time.monotonic() - started, 1),
     }
-    log(f"[evaluate] probe '{cfg.probe.task}' trained on {len(labels)} images: train accuracy {train_accuracy:.3f}")
+    log.info(f"[evaluate] probe '{cfg.probe.task}' trained on {len(labels)} images: train accuracy {train_accuracy:.3f}")
     return probe.to(device), info
 
 
@@ -328,7 +330,7 @@ def evaluate_heldout(cfg: EvaluateConfig, encoder: VisionEncoder, selectors: dic
                 panels = [(label, keep[tiles]) for label, keep in overlay_panels(cfg, scores, row, batch)]
                 overlays.append(OverlayCase(item, truth.boxes[row][tiles], panels))
         n_images += len(images)
-        log(f"[evaluate] {n_images} held-out images evaluated ({time.monotonic() - started:.0f}s)")
+        log.info(f"[evaluate] {n_images} held-out images evaluated ({time.monotonic() - started:.0f}s)")
     if not n_images:
         raise JobError(f"input.path: no labelled images in {cfg.input.path} (each sample needs a json with 'family')")
     return records, overlays

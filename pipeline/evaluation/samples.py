@@ -4,6 +4,7 @@ encode in batches and pad to a common length."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -12,11 +13,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from pipeline.cli import log
 from pipeline.config import DecodeConfig, InputConfig
-from pipeline.decode import DecodeError, decode_image
 from pipeline.encoders import EncodedImage, VisionEncoder
 from pipeline.sources import Quarantined, iter_shard, list_shards
+from pipeline.sources.decode import DecodeError, decode_image
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -73,7 +75,7 @@ def iter_labelled_images(
 
     yield from islice(labelled(), limit)
     if skipped:
-        log(f"[evaluate] {input_cfg.path}: skipped " + ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())))
+        log.info(f"[evaluate] {input_cfg.path}: skipped " + ", ".join(f"{n} {why}" for why, n in sorted(skipped.items())))
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

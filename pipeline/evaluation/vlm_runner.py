@@ -1,7 +1,7 @@
 """The VQA loop: a LLaVA-NeXT model answers each question from full, pruned and randomly pruned image tokens.
 
 Each image goes through the vision tower once; each method scores its tokens once and every keep ratio is a
-cut of those scores. The kept tokens (with their positions) go through ``pipeline.vlm``, the same feed that
+cut of those scores. The kept tokens (with their positions) go through ``pipeline.vlm.feed``, the same feed that
 training on pruned shards uses, and the model answers by greedy decoding. Every answer is appended to a JSONL
 results file as soon as its batch is done; a rerun with the same settings skips what is already there.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,10 +20,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from pipeline.cli import JobError, log
-from pipeline.collate import pad_collate
-from pipeline.config import ConfigError, stable_hash, to_dict
-from pipeline.decode import DecodeError, decode_image
+from pipeline.config import ConfigError, JobError, stable_hash, to_dict
 from pipeline.encoders import VisionEncoder
 from pipeline.evaluation.benchmark import Fields, Question, metric_for, read_benchmark
 from pipeline.evaluation.config import EvaluateVLMConfig
@@ -31,15 +29,19 @@ from pipeline.evaluation.plots import plot_metrics_vs_ratio
 from pipeline.evaluation.report import pivot_markdown, write_report
 from pipeline.evaluation.runner import Setting, keep_mask
 from pipeline.evaluation.samples import TokenBatch, batched, pad_encoded
+from pipeline.loader.collate import pad_collate
 from pipeline.selector import build_selector
-from pipeline.vlm import (
+from pipeline.sources.decode import DecodeError, decode_image
+from pipeline.vlm.feed import (
     embed_inputs,
     image_features,
     image_token_id,
     projector_input_dim,
     tokenize_prompts,
 )
-from pipeline.vlm_train import model_classes
+from pipeline.vlm.train import model_classes
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -94,7 +96,7 @@ def load_model(cfg: EvaluateVLMConfig, device: torch.device, dtype: torch.dtype)
 
 
 def pruned_samples(batch: TokenBatch, keep: torch.Tensor, rows: list[int], keys: list[str]) -> dict[str, Any]:
-    """The kept tokens of ``rows`` as a :func:`pad_collate` batch, the form ``pipeline.vlm`` reads."""
+    """The kept tokens of ``rows`` as a :func:`pad_collate` batch, the form ``pipeline.vlm.feed`` reads."""
     samples = []
     for row in rows:
         encoded = batch.encoded[row]
@@ -250,11 +252,11 @@ def evaluate_vlm(cfg: EvaluateVLMConfig) -> dict[str, Any]:
     metric = metric_for(benchmark) if cfg.metric == "auto" else cfg.metric
     run = start_run(cfg, metric)
     settings = vlm_settings(cfg)
-    log(f"[evaluate_vlm] {len(questions)} questions, metric {metric}, {len(settings)} settings, "
+    log.info(f"[evaluate_vlm] {len(questions)} questions, metric {metric}, {len(settings)} settings, "
         f"{len(run.results.records)} answers already in {run.results.path}")
     for chunk in batched(questions, cfg.batch_size):
         run.answer_chunk(chunk, settings)
-        log(f"[evaluate_vlm] {len(run.results.records)} answers ({time.monotonic() - started:.0f}s)")
+        log.info(f"[evaluate_vlm] {len(run.results.records)} answers ({time.monotonic() - started:.0f}s)")
 
     asked = {q.question_id for q in questions}
     rows = vlm_rows([r for r in run.results.records if r["question_id"] in asked], settings, benchmark, metric)

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from pipeline.collate import pad_collate
+from pipeline.loader.collate import pad_collate
 
 IMAGE_PLACEHOLDER = "<image>"
 DEFAULT_PROMPT = "USER: <image>\nDescribe the image. ASSISTANT: "

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
-from pipeline.cli import log
+log = logging.getLogger(__name__)
+
 
 
 class ProgressReporter:
@@ -23,7 +25,7 @@ class ProgressReporter:
         self.last = now
         elapsed = max(now - self.started, 1e-9)
         kept = 100.0 * tokens_kept / tokens_full if tokens_full else 0.0
-        log(
+        log.info(
             f"[{self.prefix}] shards {shards_done}/{self.total_shards} | images {images} "
             f"({images / elapsed:.1f}/s) | kept tokens {kept:.1f}% | quarantined {quarantined} | {elapsed:.0f}s"
         )

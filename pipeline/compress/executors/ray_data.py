@@ -8,6 +8,7 @@ the driver, which commits. Retries are finite and explicit.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any, Iterator
 
@@ -15,12 +16,13 @@ import pyarrow as pa
 import ray
 import torch
 
-from pipeline.cli import log
+from pipeline.compress.plan import RunPlan
 from pipeline.config import CompressConfig
-from pipeline.output_format import STORAGE_NUMPY
-from pipeline.run_plan import RunPlan
+from pipeline.output.format import STORAGE_NUMPY
 from pipeline.sources import ShardRef
-from pipeline.stages import EncodeSelectStage, WriteStage, batch_to_rows, decode_shard
+from pipeline.stages.encode_select import EncodeSelectStage, WriteStage, batch_to_rows, decode_shard
+
+log = logging.getLogger(__name__)
 
 # Batches of the write stage: bigger batches mean fewer, larger part files, up to a bound on the bytes a write
 # task holds (reckoned as if every token were kept).
@@ -81,7 +83,7 @@ def warn_if_actors_starve_decoding(cfg: CompressConfig, cluster_cpus: float) -> 
     cluster to grow (forever on a fixed one)."""
     reserved = cfg.ray.num_actors_max * cfg.ray.num_cpus_per_actor
     if reserved + cfg.ray.decode_num_cpus > cluster_cpus:
-        log(f"[compress] warning: {cfg.ray.num_actors_max} actors x ray.num_cpus_per_actor="
+        log.info(f"[compress] warning: {cfg.ray.num_actors_max} actors x ray.num_cpus_per_actor="
             f"{cfg.ray.num_cpus_per_actor} leave no room for a decode task (ray.decode_num_cpus="
             f"{cfg.ray.decode_num_cpus}) on this cluster's {cluster_cpus:g} CPUs; the run waits until it grows. "
             "Lower ray.num_cpus_per_actor or ray.num_actors_max.")

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections import Counter
 from typing import Any
 
 from pipeline import __version__
-from pipeline.cli import JobError, log
-from pipeline.commit import current_shards, list_committed, write_manifest
-from pipeline.committer import ShardCommitter
-from pipeline.config import CompressConfig
+from pipeline.compress.executors import run_stages
+from pipeline.compress.plan import RunPlan, plan_compress
+from pipeline.compress.progress import ProgressReporter
+from pipeline.compress.shard_committer import ShardCommitter
+from pipeline.config import CompressConfig, JobError
 from pipeline.encoders import VisionEncoder
-from pipeline.executors import run_stages
-from pipeline.output_format import format_metadata
-from pipeline.progress import ProgressReporter
-from pipeline.run_plan import RunPlan, plan_compress
-from pipeline.stages import Models
+from pipeline.output.commit import current_shards, list_committed, write_manifest
+from pipeline.output.format import format_metadata
+from pipeline.stages.encode_select import Models
 from pipeline.storage import absolute_url, write_bytes
+
+log = logging.getLogger(__name__)
 
 
 def load_models(cfg: CompressConfig) -> Models:
@@ -89,7 +91,7 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     plan = plan_compress(cfg, models.encoder.fingerprint(), models.selector.fingerprint())
     if cfg.executor != "local":
         models = None  # the actors load their own; this copy only named them
-    log(f"[compress] output {plan.output_dir} | shards {len(plan.shards)} | to do {len(plan.todo)} "
+    log.info(f"[compress] output {plan.output_dir} | shards {len(plan.shards)} | to do {len(plan.todo)} "
         f"| already committed {plan.skipped}")
     summary: dict[str, Any] = {
         "output": plan.output_dir, "cfg_hash": plan.cfg_hash, "shards_total": len(plan.shards),
@@ -98,7 +100,7 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     }
     if cfg.dry_run:
         for shard in plan.todo:
-            log(f"[compress] to do: {shard.shard_id} {shard.url}")
+            log.info(f"[compress] to do: {shard.shard_id} {shard.url}")
         return {**summary, "dry_run": True, "todo": [s.shard_id for s in plan.todo],
                 "wall_s": round(time.monotonic() - started, 3)}
     try:

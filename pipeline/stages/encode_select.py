@@ -21,8 +21,8 @@ import logging
 import secrets
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -30,20 +30,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.commit import WrittenFile, sha256_hex
 from pipeline.config import CompressConfig
-from pipeline.decode import DecodeError, decode_image
 from pipeline.encoders import VisionEncoder, prepare_image
+from pipeline.encoders.gpu_preprocess import prepare_images
 from pipeline.failpoints import maybe_fail
-from pipeline.gpu_decode import (
-    decode_jpegs,
-    gpu_decode_requested,
-    jpeg_size_for_gpu,
-    load_nvjpeg,
-)
-from pipeline.gpu_preprocess import prepare_images
-from pipeline.kept_tokens import KeptTokens, encode_tiles, gather_kept, per_image
-from pipeline.output_format import (
+from pipeline.output.commit import WrittenFile, sha256_hex
+from pipeline.output.format import (
     encode_quarantine_table,
     encode_sample_table,
     samples_to_wds_tar,
@@ -51,6 +43,14 @@ from pipeline.output_format import (
 )
 from pipeline.selector import TokenSelector, build_selector, select_tokens
 from pipeline.sources import Quarantined, ShardRef, iter_shard
+from pipeline.sources.decode import DecodeError, decode_image
+from pipeline.stages.gpu_decode import (
+    decode_jpegs,
+    gpu_decode_requested,
+    jpeg_size_for_gpu,
+    load_nvjpeg,
+)
+from pipeline.stages.kept_tokens import KeptTokens, encode_tiles, gather_kept, per_image
 from pipeline.storage import filesystem_for
 from pipeline.timeline import record
 

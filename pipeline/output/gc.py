@@ -6,8 +6,8 @@ import datetime as dt
 import time
 from dataclasses import dataclass, field
 
-from pipeline.commit import COMMITTED_DIR, list_committed
 from pipeline.config import StorageConfig, require
+from pipeline.output.commit import COMMITTED_DIR, list_committed
 from pipeline.storage import filesystem_for
 
 ATTEMPT_DIRS = ("data", "quarantine")

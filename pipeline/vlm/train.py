@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from pipeline.config import ConfigError
 from pipeline.storage import join_url, read_bytes, write_bytes
-from pipeline.vlm import IMAGE_PLACEHOLDER, projector_input_dim, vlm_core
-from pipeline.vlm_config import TrainVLMConfig, VLMModelConfig, VLMTrainConfig
+from pipeline.vlm.config import TrainVLMConfig, VLMModelConfig, VLMTrainConfig
+from pipeline.vlm.feed import IMAGE_PLACEHOLDER, projector_input_dim, vlm_core
 
 PROJECTOR_FILE = "projector.safetensors"
 LANGUAGE_MODEL_FILE = "language_model.safetensors"

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from pipeline.encoders import VisionEncoder
-from pipeline.output_format import TORCH_DTYPES, tokens_to_storage
+from pipeline.output.format import TORCH_DTYPES, tokens_to_storage
 
 
 def encode_tiles(encoder: VisionEncoder, tiles: Tensor, *, with_cls_attention: bool) -> tuple[Tensor, Tensor | None]:

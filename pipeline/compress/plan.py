@@ -8,8 +8,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.commit import CommittedShard, list_committed
 from pipeline.config import SCHEMA_VERSION, CompressConfig, stable_hash, to_dict
+from pipeline.output.commit import CommittedShard, list_committed
 from pipeline.sources import ShardRef, list_shards
 
 # Fields of EncoderConfig that change how images become tokens; batch size, device and compile do not.

@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.output_format import MANIFEST_NAME, MANIFEST_SCHEMA
+from pipeline.output.format import MANIFEST_NAME, MANIFEST_SCHEMA
 from pipeline.storage import create_exclusive, filesystem_for, write_bytes
 
 COMMITTED_DIR = "_committed"

@@ -12,8 +12,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipeline.cli import JobError
-from pipeline.config import ConfigError, RayConfig
+from pipeline.config import ConfigError, JobError, RayConfig
 from pipeline.storage import filesystem_for, is_local
 
 

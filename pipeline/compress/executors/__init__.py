@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Iterator
 
-from pipeline.run_plan import RunPlan
+from pipeline.compress.plan import RunPlan
 
 if TYPE_CHECKING:
-    from pipeline.stages import Models
+    from pipeline.stages.encode_select import Models
 
 
 def run_stages(plan: RunPlan, metadata: dict[str, Any], models: Models | None = None) -> Iterator[dict[str, Any]]:
     """Yield the write stage's records for every to-do shard of ``plan``. ``models``, loaded for ``plan``'s
     config in this process, serve the local executor's stages; the Ray executor's actors load their own."""
     if plan.config.executor == "local":
-        from pipeline.executors.local import run_local
+        from pipeline.compress.executors.local import run_local
 
         return run_local(plan, metadata, models)
-    from pipeline.executors.ray_data import run_ray
+    from pipeline.compress.executors.ray_data import run_ray
 
     return run_ray(plan, metadata)

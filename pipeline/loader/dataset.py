@@ -40,9 +40,9 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.collate import TokenBudgetBatcher, pack_collate, pad_collate
 from pipeline.config import stable_hash
-from pipeline.output_format import (
+from pipeline.loader.collate import TokenBudgetBatcher, pack_collate, pad_collate
+from pipeline.output.format import (
     FORMAT_FIELDS,
     MANIFEST_NAME,
     decode_tokens,
@@ -91,7 +91,7 @@ def committed_output(path_or_manifest: str, storage_options: Mapping[str, Any] |
     if any(m["path"].endswith(".tar") for m in manifest):
         raise ValueError(f"{output_dir} holds WebDataset tars (output.format=webdataset); this loader reads Parquet "
                          "outputs. Stream the tars with webdataset.WebDataset(pipeline.loader.data_file_urls(OUTPUT))"
-                         ".map(pipeline.output_format.decode_wds_sample), or compress with output.format=parquet")
+                         ".map(pipeline.output.format.decode_wds_sample), or compress with output.format=parquet")
     files = [DataFile(f"{output_dir}/{m['path']}", m["rows"], m["bytes"]) for m in manifest]
     _check_files_present(files, storage_options, output_dir)
     with _open_parquet(files[0].url, storage_options, output_dir) as parquet:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline.config import RayConfig, StorageConfig, require
-from pipeline.vlm import DEFAULT_PROMPT, IMAGE_PLACEHOLDER
+from pipeline.vlm.feed import DEFAULT_PROMPT, IMAGE_PLACEHOLDER
 
 
 @dataclass(kw_only=True)

@@ -23,12 +23,10 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator
 
+from pipeline.compress.plan import RunPlan
 from pipeline.config import CompressConfig
-from pipeline.gpu_decode import gpu_decode_requested
-from pipeline.kept_tokens import KeptTokens
-from pipeline.run_plan import RunPlan
 from pipeline.sources import ShardRef
-from pipeline.stages import (
+from pipeline.stages.encode_select import (
     EncodeSelectStage,
     Models,
     StagedBatch,
@@ -37,6 +35,8 @@ from pipeline.stages import (
     batches,
     decode_shard,
 )
+from pipeline.stages.gpu_decode import gpu_decode_requested
+from pipeline.stages.kept_tokens import KeptTokens
 from pipeline.timeline import record
 
 ROW_CHUNK = 32

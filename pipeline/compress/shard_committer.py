@@ -7,8 +7,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.commit import CommittedShard, WrittenFile, commit_shard
 from pipeline.failpoints import maybe_fail
+from pipeline.output.commit import CommittedShard, WrittenFile, commit_shard
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The on-disk contract of a compress output: row format, commit markers, manifest, garbage collection."""
