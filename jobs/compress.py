@@ -5,7 +5,6 @@
 
 from pipeline.cli import run_job
 from pipeline.compress.run import run_compress
-from pipeline.config import CompressConfig
 
 if __name__ == "__main__":
-    run_job(CompressConfig, run_compress, prog="compress", flags={"--dry-run": "dry_run"})
+    run_job(run_compress, prog="compress", flags={"--dry-run": "dry_run"})

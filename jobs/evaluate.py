@@ -5,18 +5,8 @@ and writes ``report.json``, ``report.csv``, ``report.md`` and ``plots/`` under `
 headline numbers are the last stdout line.
 """
 
-from __future__ import annotations
-
-from typing import Any
-
 from pipeline.cli import run_job
-from pipeline.evaluation.config import EvaluateConfig
 from pipeline.evaluation.runner import evaluate
 
-
-def main(cfg: EvaluateConfig) -> dict[str, Any]:
-    return evaluate(cfg)
-
-
 if __name__ == "__main__":
-    run_job(EvaluateConfig, main, prog="evaluate")
+    run_job(evaluate, prog="evaluate")

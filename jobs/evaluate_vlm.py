@@ -6,18 +6,8 @@ selector (and the random baseline) keep at each keep ratio, scored with the benc
 appended to ``{output}/results-*.jsonl`` as they come, so a rerun resumes; ``report.*`` and ``plots/`` follow.
 """
 
-from __future__ import annotations
-
-from typing import Any
-
 from pipeline.cli import run_job
-from pipeline.evaluation.config import EvaluateVLMConfig
 from pipeline.evaluation.vlm_runner import evaluate_vlm
 
-
-def main(cfg: EvaluateVLMConfig) -> dict[str, Any]:
-    return evaluate_vlm(cfg)
-
-
 if __name__ == "__main__":
-    run_job(EvaluateVLMConfig, main, prog="evaluate_vlm")
+    run_job(evaluate_vlm, prog="evaluate_vlm")

@@ -6,10 +6,12 @@ Exit 0 on success, 2 on usage or config errors (one line on stderr, no traceback
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
 import traceback
+import typing
 from typing import Any, Callable, NoReturn, TypeVar
 
 from pipeline.config import ConfigError, JobError, load_config, to_dict
@@ -52,13 +54,20 @@ def parse_args(cls: type[T], argv: list[str] | None, prog: str, flags: dict[str,
     return load_config(cls, args.config, overrides)
 
 
+def config_class(main: Callable[[T], Any]) -> type[T]:
+    """The config dataclass a job's entry function takes: the annotation of its first parameter."""
+    first = next(iter(inspect.signature(main).parameters))
+    return typing.get_type_hints(main)[first]
+
+
 def run_job(
-    cls: type[T],
     main: Callable[[T], dict[str, Any]],
     argv: list[str] | None = None,
     prog: str = "atr",
     flags: dict[str, str] | None = None,
 ) -> NoReturn:
+    """Parse the config ``main`` takes, run ``main``, print its summary as the last stdout line, exit."""
+    cls = config_class(main)
     install_log_handler()
     try:
         config = parse_args(cls, argv, prog, flags)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import functools
 import io
 import json
+import logging
 import math
 import os
 import re
 import tarfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -23,6 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.config import ConfigError, CorpusConfig
+
+log = logging.getLogger(__name__)
 
 Family = Literal["document", "natural"]
 Box = tuple[int, int, int, int]
@@ -550,3 +554,12 @@ def density_summary(densities: list[float]) -> dict[str, float] | None:
         "p90": round(float(np.percentile(values, 90)), 4),
         "max": round(float(values.max()), 4),
     }
+
+
+def make_corpus(cfg: CorpusConfig) -> dict[str, Any]:
+    """``jobs.make_corpus``: :func:`write_corpus`, timed and logged."""
+    start = time.perf_counter()
+    summary = write_corpus(cfg)
+    seconds = time.perf_counter() - start
+    log.info(f"[make_corpus] wrote {cfg.n} samples to {cfg.output} in {seconds:.1f}s")
+    return {**summary, "seconds": round(seconds, 2)}

@@ -77,7 +77,7 @@ def test_a_failing_run_reports_without_credentials(tmp_path, s3_server, monkeypa
     s3fs.S3FileSystem.clear_instance_cache()  # a cached client would hold the fixture's keys, not these
 
     with pytest.raises(SystemExit) as exit_info:
-        run_job_in_process(CompressConfig, run_compress, prog="compress", argv=[
+        run_job_in_process(run_compress, prog="compress", argv=[
             f"input.path={corpus / 'train'}", f"output.path=s3://atr-no-such-bucket-{uuid.uuid4().hex[:8]}/out",
             f"storage.endpoint_url={s3_server}", "executor=local", *FAST_COMPRESS])
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 from dataclasses import dataclass, field
 
 from pipeline.config import StorageConfig, require
 from pipeline.output.commit import COMMITTED_DIR, list_committed
 from pipeline.storage import filesystem_for
+
+log = logging.getLogger(__name__)
 
 ATTEMPT_DIRS = ("data", "quarantine")
 # compress writes _config.json before any data file, so a run that crashed before its first commit is found too.
@@ -74,3 +77,15 @@ def remove(orphans: list[Orphan], cfg: GcConfig) -> None:
     fs, _ = filesystem_for(cfg.path, cfg.storage.storage_options())
     for orphan in orphans:
         fs.rm(filesystem_for(orphan.url, cfg.storage.storage_options())[1])
+
+
+def run_gc(cfg: GcConfig) -> dict:
+    """``jobs.gc``: list the orphans, remove them with ``apply=true``, summarise."""
+    orphans = find_orphans(cfg)
+    for orphan in orphans:
+        log.info(f"[gc] {'removing' if cfg.apply else 'would remove'} {orphan.url} ({orphan.bytes} bytes, "
+                 f"{orphan.age_hours:.1f} h old)")
+    if cfg.apply:
+        remove(orphans, cfg)
+    return {"path": cfg.path, "applied": cfg.apply, "orphans": len(orphans),
+            "bytes": sum(o.bytes for o in orphans), "files": [o.url for o in orphans]}
