@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.loader import READ_COLUMNS, PrunedTokenDataset, PrunedTokenLoader
-from pipeline.output.format import read_manifest
+from pipeline.output.manifest import read_manifest
 from tests.pruned_fixtures import fixture_meta, write_output
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loader.json"

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from bench.common import machine, markdown_table, report, synthetic_corpus
 from pipeline.compress.run import run_compress
 from pipeline.config import CompressConfig, load_config
-from pipeline.output.format import read_manifest
+from pipeline.output.manifest import read_manifest
 
 TARGET = 0.05
 

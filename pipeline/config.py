@@ -1,20 +1,25 @@
 """Typed job configs.
 
 Dataclasses are the source of truth; OmegaConf only merges YAML files and ``key=value`` overrides into
-plain dicts, and :func:`build` turns the result into dataclasses, rejecting unknown keys, wrong types and
-values outside a ``Literal`` with a :class:`ConfigError` that names the key and what is allowed.
+plain dicts, and :func:`load_config` turns the result into dataclasses, rejecting unknown keys and wrong types
+with a :class:`ConfigError` that names the key and what is allowed.
+
+Every config derives from :class:`Config`, whose ``__post_init__`` checks its values (``Literal`` choices
+included) whenever one is made: from YAML, in code or by ``dataclasses.replace``. So a config that exists is a
+valid one, and code that reads it need not check its values again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -32,17 +37,60 @@ class JobError(RuntimeError):
 
 
 def require(condition: bool, key: str, allowed: str) -> None:
-    """For ``validate()`` methods: reject a value, naming the key (relative to its section) and what is allowed."""
+    """For :meth:`Config.check`: reject a value, naming the key (relative to its config) and what is allowed."""
     if not condition:
         raise ConfigError(f"{key}: {allowed}")
+
+
+def _names_choices(tp: Any) -> bool:
+    return typing.get_origin(tp) is Literal or any(_names_choices(arg) for arg in typing.get_args(tp))
+
+
+@functools.cache
+def _choice_fields(cls: type) -> tuple[tuple[str, Any], ...]:
+    """The fields of dataclass ``cls`` whose type has ``Literal`` choices (``Literal[...]``, a list of them, ...)."""
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls) if _names_choices(hints[f.name]))
+
+
+def check_choices(config: Config) -> None:
+    """Reject a ``Literal`` field's value outside its choices, in :func:`load_config`'s words:
+    ``mode: got 'sometimes', expected one of 'threshold', 'ratio', 'budget'``."""
+    for name, tp in _choice_fields(type(config)):
+        _coerce(getattr(config, name), tp, name)
+
+
+@dataclass(kw_only=True)
+class Config:
+    """Base of the config dataclasses: ``__post_init__`` checks every value whenever a config is made.
+
+    A subclass puts its checks in :meth:`check`, naming keys relative to itself; ``Literal`` choices are checked
+    for it. An error names the key under ``SECTION``, where the config sits in a job config
+    (``selector.ratio: must be in (0, 1], got 1.5``); :func:`load_config` names the key's full path instead
+    (``probe.train_input.path: ...`` for the probe's :class:`InputConfig`).
+    """
+
+    SECTION: ClassVar[str] = ""  # "" for a job's own config
+
+    def __post_init__(self) -> None:
+        try:
+            check_choices(self)
+            self.check()
+        except ConfigError as exc:
+            raise ConfigError(f"{self.SECTION}.{exc}" if self.SECTION else str(exc)) from None
+
+    def check(self) -> None:
+        """Checks of this config's values beyond their types; reject one with :func:`require`."""
 
 
 # --------------------------------------------------------------------------------------------- sub-configs
 
 
 @dataclass(kw_only=True)
-class EncoderConfig:
+class EncoderConfig(Config):
     """A vision tower. ``pretrained`` set: ``from_pretrained(pretrained)``; unset: seeded random init."""
+
+    SECTION = "encoder"
 
     name: str = "tiny"
     family: Literal["clip", "siglip"] = "clip"
@@ -72,7 +120,7 @@ class EncoderConfig:
     batch_size: int = 32
     compile: bool = False
 
-    def validate(self) -> None:
+    def check(self) -> None:
         for name in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
                      "batch_size"):
             require(getattr(self, name) > 0, name, f"must be a positive integer, got {getattr(self, name)}")
@@ -100,8 +148,10 @@ class EncoderConfig:
 
 
 @dataclass(kw_only=True)
-class StorageConfig:
+class StorageConfig(Config):
     """fsspec options for ``s3://`` paths. Keys and secrets come from the environment, never from here."""
+
+    SECTION = "storage"
 
     endpoint_url: str | None = None
     region: str | None = None
@@ -120,7 +170,9 @@ class StorageConfig:
 
 
 @dataclass(kw_only=True)
-class InputConfig:
+class InputConfig(Config):
+    SECTION = "input"
+
     path: str = "demo_output/corpus/train"
     format: Literal["auto", "webdataset", "parquet", "folder"] = "auto"
     # The image member's extension (WebDataset) or column (Parquet); unset: jpg, jpeg, png, webp / jpg, image, ...
@@ -131,26 +183,34 @@ class InputConfig:
     # A larger tar member or file is quarantined unread, so one sample never takes more memory than this.
     max_member_bytes: int = 256 * 1024 * 1024
 
-    def validate(self) -> None:
+    def check(self) -> None:
         require(bool(self.path), "path", "must name a file, glob, brace pattern or folder (local or s3://)")
         require(self.folder_shard_size > 0, "folder_shard_size", "must be a positive integer")
         require(self.max_member_bytes > 0, "max_member_bytes", "must be a positive integer")
 
 
 @dataclass(kw_only=True)
-class DecodeConfig:
+class DecodeConfig(Config):
+    SECTION = "decode"
+
     max_pixels: int = 50_000_000
     max_bytes: int = 64 * 1024 * 1024
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    def validate(self) -> None:
+    def check(self) -> None:
         require(self.max_pixels > 0, "max_pixels", "must be a positive integer")
         require(self.max_bytes > 0, "max_bytes", "must be a positive integer")
 
 
 @dataclass(kw_only=True)
-class SelectorConfig:
-    """Which tokens to keep. ``method=none`` keeps all (the full-token baseline)."""
+class SelectorConfig(Config):
+    """Which tokens to keep. ``method=none`` keeps all (the full-token baseline).
+
+    ``method=learned`` needs ``checkpoint``, which has no default; :func:`pipeline.selector.build_selector` says
+    so when it builds the selector (a check here would reject the default config and every policy made in code).
+    """
+
+    SECTION = "selector"
 
     method: Literal["learned", "none", "random", "uniform", "norm", "cls_attention", "diversity"] = "learned"
     checkpoint: str | None = None
@@ -162,19 +222,18 @@ class SelectorConfig:
     seed: int = 0
     store_scores: bool = False
 
-    def validate(self) -> None:
+    def check(self) -> None:
         require(0.0 <= self.threshold <= 1.0, "threshold", f"must be a keep probability in [0, 1], got {self.threshold}")
         require(0.0 < self.ratio <= 1.0, "ratio", f"must be in (0, 1], got {self.ratio}")
         require(self.budget > 0, "budget", f"must be a positive integer, got {self.budget}")
         require(self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens}")
-        require(self.method != "learned" or bool(self.checkpoint), "checkpoint",
-                "method=learned needs selector.checkpoint=PATH (train one with python -m jobs.train_selector), "
-                "or pick a baseline: none, random, uniform, norm, cls_attention, diversity")
 
 
 @dataclass(kw_only=True)
-class SelectorModelConfig:
+class SelectorModelConfig(Config):
     """The paper's selector (3 layers + keep/drop head) and reconstructor (3 layers)."""
+
+    SECTION = "model"
 
     # The selector's own width (a linear projection in from the encoder's); its cost next to the encoder's is
     # what keeps selection cheap: at 64 about 0.07% of a ViT-L/14-336's FLOPs, at 256 about 0.9%.
@@ -186,7 +245,7 @@ class SelectorModelConfig:
     dropout: float = 0.0
     max_positions: int = 4096
 
-    def validate(self) -> None:
+    def check(self) -> None:
         require(self.width > 0 and self.width % self.num_heads == 0, "width",
                 f"must be a positive multiple of num_heads={self.num_heads}, got {self.width}")
         require(self.selector_layers > 0 and self.reconstructor_layers > 0, "selector_layers",
@@ -196,19 +255,23 @@ class SelectorModelConfig:
 
 
 @dataclass(kw_only=True)
-class OutputConfig:
+class OutputConfig(Config):
+    SECTION = "output"
+
     path: str = "demo_output/compressed"
     format: Literal["parquet", "webdataset"] = "parquet"
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
     row_group_size: int = 256
 
-    def validate(self) -> None:
+    def check(self) -> None:
         require(bool(self.path), "path", "must name an output folder (local or s3://)")
         require(self.row_group_size > 0, "row_group_size", "must be a positive integer")
 
 
 @dataclass(kw_only=True)
-class RayConfig:
+class RayConfig(Config):
+    SECTION = "ray"
+
     address: str | None = None
     num_actors_min: int = 1
     num_actors_max: int = 1
@@ -222,7 +285,7 @@ class RayConfig:
     # actors, 1 on CPU ones (where there is nothing to overlap with).
     batches_per_call: int | None = None
 
-    def validate(self) -> None:
+    def check(self) -> None:
         require(self.batches_per_call is None or self.batches_per_call >= 1, "batches_per_call",
                 "must be >= 1, or null for 4 on GPU actors and 1 on CPU ones")
         require(1 <= self.num_actors_min <= self.num_actors_max, "num_actors_min",
@@ -234,8 +297,10 @@ class RayConfig:
 
 
 @dataclass(kw_only=True)
-class TrainConfig:
+class TrainConfig(Config):
     """Defaults tuned on the demo corpus with the tiny encoder (about a minute on 2 CPU cores)."""
+
+    SECTION = "train"
 
     steps: int = 300
     batch_size: int = 8
@@ -268,11 +333,13 @@ class TrainConfig:
     # Images encoded and cached per run (split over the workers); None: every image of the input.
     max_images: int | None = None
 
-    def validate(self) -> None:
+    def check(self) -> None:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "num_workers"):
             require(getattr(self, name) > 0, name, f"must be a positive integer, got {getattr(self, name)}")
         require(self.lr > 0, "lr", f"must be positive, got {self.lr}")
-        require(0 <= self.selector_warmup_steps < self.steps, "selector_warmup_steps",
+        # Below steps too, or the selector never trains; TrainSelectorConfig checks that, so a TrainConfig made
+        # in code for a few steps needs no selector_warmup_steps of its own.
+        require(self.selector_warmup_steps >= 0, "selector_warmup_steps",
                 f"must be in [0, steps={self.steps}), got {self.selector_warmup_steps}")
         require(0 < self.temperature_end <= self.temperature_start, "temperature_end",
                 "must be positive and at most temperature_start")
@@ -289,7 +356,7 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
-class CorpusConfig:
+class CorpusConfig(Config):
     output: str = "demo_output/corpus"
     n: int = 256
     shard_size: int = 64
@@ -298,9 +365,18 @@ class CorpusConfig:
     image_size: int = 448
     document_fraction: float = 0.5
 
+    def check(self) -> None:
+        require(self.n >= 1, "n", f"got {self.n}, expected at least 1 sample")
+        require(self.shard_size >= 1, "shard_size", f"got {self.shard_size}, expected at least 1")
+        require(0.0 <= self.heldout_fraction < 1.0, "heldout_fraction",
+                f"got {self.heldout_fraction}, expected a number in [0, 1)")
+        require(0.0 <= self.document_fraction <= 1.0, "document_fraction",
+                f"got {self.document_fraction}, expected a number in [0, 1]")
+        require(self.image_size >= 64, "image_size", f"got {self.image_size}, expected at least 64 pixels")
+
 
 @dataclass(kw_only=True)
-class CompressConfig:
+class CompressConfig(Config):
     input: InputConfig = field(default_factory=InputConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -314,7 +390,7 @@ class CompressConfig:
 
 
 @dataclass(kw_only=True)
-class TrainSelectorConfig:
+class TrainSelectorConfig(Config):
     input: InputConfig = field(default_factory=InputConfig)
     output: str = "demo_output/selector"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -324,6 +400,10 @@ class TrainSelectorConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     resume: bool = True
+
+    def check(self) -> None:
+        require(self.train.selector_warmup_steps < self.train.steps, "train.selector_warmup_steps",
+                f"must be in [0, steps={self.train.steps}), got {self.train.selector_warmup_steps}")
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -403,14 +483,14 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed keys: {', '.join(sorted(fields))}")
     kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
-    built = cls(**kwargs)
-    validate = getattr(built, "validate", None)
-    if validate is not None:
-        try:
-            validate()
-        except ConfigError as exc:
-            raise ConfigError(f"{prefix}{exc}") from None
-    return built
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        # ``__post_init__`` named the key under the class's usual SECTION; name it under its path here instead.
+        # (Sub-configs in ``kwargs`` were built, and their errors prefixed, by ``_coerce`` above.)
+        section = getattr(cls, "SECTION", "")
+        message = str(exc).removeprefix(f"{section}.") if section else str(exc)
+        raise ConfigError(f"{prefix}{message}") from None
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.config import ConfigError, CorpusConfig
+from pipeline.config import CorpusConfig
 
 log = logging.getLogger(__name__)
 
@@ -454,19 +454,6 @@ def generate_sample(index: int, family: Family, seed: int, image_size: int = 448
     return CorpusSample(key=key, image=image, meta=meta, image_format=image_format)
 
 
-def validate_corpus_config(cfg: CorpusConfig) -> None:
-    if cfg.n < 1:
-        raise ConfigError(f"n: got {cfg.n}, expected at least 1 sample")
-    if cfg.shard_size < 1:
-        raise ConfigError(f"shard_size: got {cfg.shard_size}, expected at least 1")
-    if not 0.0 <= cfg.heldout_fraction < 1.0:
-        raise ConfigError(f"heldout_fraction: got {cfg.heldout_fraction}, expected a number in [0, 1)")
-    if not 0.0 <= cfg.document_fraction <= 1.0:
-        raise ConfigError(f"document_fraction: got {cfg.document_fraction}, expected a number in [0, 1]")
-    if cfg.image_size < 64:
-        raise ConfigError(f"image_size: got {cfg.image_size}, expected at least 64 pixels")
-
-
 def corpus_plan(cfg: CorpusConfig) -> list[tuple[int, Family, str]]:
     """``(index, family, split)`` for every sample; held-out samples are drawn from each family alike."""
     rng = np.random.default_rng([cfg.seed, cfg.n])
@@ -506,7 +493,6 @@ def write_corpus(cfg: CorpusConfig) -> dict[str, Any]:
     Shards left from an earlier, larger corpus in the same directories are removed so that a glob over a
     split sees exactly this corpus.
     """
-    validate_corpus_config(cfg)
     root = Path(cfg.output)
     pending: dict[str, list[CorpusSample]] = {"train": [], "heldout": []}
     shards: dict[str, list[str]] = {"train": [], "heldout": []}

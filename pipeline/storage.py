@@ -88,13 +88,6 @@ def create_exclusive(url: str, data: bytes, storage_options: dict[str, Any] | No
     return True
 
 
-def list_files(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
-    """URLs of all files under ``url`` (recursive), sorted; empty when ``url`` does not exist."""
-    fs, path = filesystem_for(url, storage_options)
-    fs.invalidate_cache(path)
-    return sorted(url_for(fs, p) for p in fs.find(path))
-
-
 def _write_local_temp(path: str, data: bytes) -> str:
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)

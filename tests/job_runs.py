@@ -20,14 +20,21 @@ import pyarrow.parquet as pq
 from pipeline.config import InputConfig
 from pipeline.loader import PrunedTokenDataset
 from pipeline.output.commit import list_committed
-from pipeline.output.format import read_manifest
+from pipeline.output.manifest import read_manifest
 from pipeline.sources import RawSample, iter_shard, list_shards
-from pipeline.storage import filesystem_for
+from pipeline.storage import filesystem_for, url_for
 
 REPO = Path(__file__).resolve().parent.parent
 # Small and fast: the tiny random encoder, a selector that needs no checkpoint, one shard per batch.
 FAST_COMPRESS = ["selector.method=norm", "selector.mode=ratio", "selector.ratio=0.5", "encoder.batch_size=4",
                  "progress_interval_s=1"]
+
+
+def list_files(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """URLs of all files under ``url`` (recursive), sorted; empty when ``url`` does not exist."""
+    fs, path = filesystem_for(url, storage_options)
+    fs.invalidate_cache(path)
+    return sorted(url_for(fs, p) for p in fs.find(path))
 
 
 def job_env(**extra: str) -> dict[str, str]:

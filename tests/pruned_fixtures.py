@@ -16,13 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.output.format import (
-    MANIFEST_NAME,
-    MANIFEST_SCHEMA,
-    TORCH_DTYPES,
-    encode_rows,
-    format_metadata,
-)
+from pipeline.output.format import CORE_COLUMNS, TORCH_DTYPES, encode_sample_table, format_metadata, tokens_to_storage
+from pipeline.output.manifest import MANIFEST_NAME, MANIFEST_SCHEMA
 from pipeline.storage import filesystem_for
 
 
@@ -32,6 +27,40 @@ def fixture_meta(dtype: str = "float16", dim: int = 8, side: int = 4, **override
         selector="random", selector_fingerprint="sel0", mode="ratio", params={"ratio": 0.5}, cfg_hash="fixture",
     )
     return format_metadata(**(fields | overrides))
+
+
+def stage_rows(
+    meta: Mapping[str, Any],
+    *,
+    keys: Sequence[str],
+    source_shard: str | Sequence[str],
+    widths: Sequence[int],
+    heights: Sequence[int],
+    n_tokens: Sequence[int],
+    tokens: Sequence[torch.Tensor],
+    positions: Sequence[Any],
+    grids: Sequence[tuple[int, int]],
+    scores: Sequence[torch.Tensor] | None = None,
+    passthrough: Mapping[str, Sequence[str | None]] | None = None,
+) -> list[dict[str, Any]]:
+    """Samples with float ``[n_kept, dim]`` tokens, serialised as the encode stage hands them to the writer."""
+    shards = [source_shard] * len(keys) if isinstance(source_shard, str) else list(source_shard)
+    passthrough = dict(passthrough or {})
+    return [
+        {"key": key, "shard_id": shards[i], "width": widths[i], "height": heights[i], "n_tokens": n_tokens[i],
+         "n_kept": len(tokens[i]), "grid_rows": grids[i][0], "grid_cols": grids[i][1],
+         "tokens": tokens_to_storage(tokens[i], meta["dtype"]).tobytes(),
+         "positions": np.asarray(positions[i], "<i4").tobytes(),
+         "scores": None if scores is None else tokens_to_storage(scores[i], "float16").tobytes(),
+         **{name: passthrough[name][i] if name in passthrough else None for name in ("caption", "json")}}
+        for i, key in enumerate(keys)
+    ]
+
+
+def encode_rows(meta: Mapping[str, Any], **samples: Any) -> pa.Table:
+    """:func:`stage_rows` through the writer's table encoder, with only the passthrough columns given."""
+    table = encode_sample_table(stage_rows(meta, **samples), meta)
+    return table.select([*CORE_COLUMNS, *samples.get("passthrough", {})])
 
 
 def fixture_table(

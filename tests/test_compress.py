@@ -15,19 +15,23 @@ import pytest
 import ray
 import torch
 import webdataset as wds
+from job_runs import run_job, summary_of
 from PIL import Image
 
 from pipeline.compress.executors.ray_data import actor_batch_rows, write_batch_rows
 from pipeline.compress.run import run_compress
+from pipeline.compress.shard_committer import ShardCommitter
 from pipeline.config import CompressConfig, ConfigError, CorpusConfig, JobError, load_config
 from pipeline.corpus import write_corpus
 from pipeline.encoders import VisionEncoder
 from pipeline.loader import PrunedTokenDataset, data_file_urls
 from pipeline.output.commit import CommittedShard, WrittenFile, commit_shard, list_committed
-from pipeline.output.format import decode_tokens, decode_wds_sample, read_format_metadata, read_manifest
+from pipeline.output.format import decode_tokens, decode_wds_sample, read_format_metadata
+from pipeline.output.manifest import read_manifest
 from pipeline.selector import build_selector, select_tokens
 from pipeline.sources import iter_shard, list_shards
 from pipeline.sources.decode import decode_image
+from pipeline.stages.records import DATA, END
 from pipeline.storage import filesystem_for
 
 RATIO = ["selector.method=norm", "selector.mode=ratio", "selector.ratio=0.5"]
@@ -72,6 +76,7 @@ def test_golden_run_with_ray_writes_layout_and_tokens_match_the_selector(corpus,
     summary = run_compress(cfg)
     out = Path(summary["output"])
     assert summary["shards_processed"] == summary["shards_total"] == 4 and summary["images"] == 16
+    assert summary["shards_lost_race"] == 0
     assert summary["tokens_kept"] == summary["tokens_full"] // 2
     for name in ("_config.json", "manifest.parquet", "stats.json"):
         assert (out / name).exists()
@@ -238,6 +243,22 @@ def test_two_concurrent_commits_of_one_shard_leave_one(tmp_path):
     assert list_committed(out, {})[("s", "f")].attempt == winners[0]
 
 
+def test_a_commit_lost_to_another_attempt_is_counted_and_its_files_removed(tmp_path):
+    out = tmp_path / "out"
+    winner = CommittedShard(shard_id="s", source_url="u", source_fingerprint="f", attempt="first")
+    assert commit_shard(str(out), winner, {})
+    (out / "data").mkdir()
+    (out / "data" / "s.second.parquet").write_bytes(b"x")
+    committer = ShardCommitter(str(out), "second", {})
+    committer.observe({"kind": DATA, "shard_id": "s", "path": "data/s.second.parquet", "rows": 1, "bytes": 1,
+                       "sha256": "-", "tokens_full": 4, "tokens_kept": 2, "kept_counts": "[2]"})
+    committer.observe({"kind": END, "shard_id": "s", "total": 1, "source_url": "u", "source_fingerprint": "f"})
+    assert committer.totals.shards_lost_race == 1 and committer.totals.shards_processed == 0
+    assert committer.totals.images == 0 and not committer.unfinished()
+    assert list((out / "data").iterdir()) == []
+    assert list_committed(str(out), {})[("s", "f")].attempt == "first"
+
+
 def _jpeg(image: Image.Image, **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", **kwargs)
@@ -325,3 +346,14 @@ def test_unwritable_output_fails_with_a_clear_error(corpus, tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(JobError, match="is not writable"):
         run_compress(config(corpus, blocker / "out"))
+
+
+def test_a_job_prints_the_library_progress_lines_on_stderr_and_its_summary_last(corpus, tmp_path):
+    proc = run_job("compress", f"input.path={corpus}", f"output.path={tmp_path / 'out'}", "executor=local",
+                   "encoder.batch_size=8", *RATIO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("[compress] resolved config: ")
+    assert any(line.startswith("[compress] output ") and "| to do 4 |" in line for line in lines)
+    assert any(line.startswith("[compress] shards 4/4 | images 16 ") for line in lines)
+    assert summary_of(proc)["status"] == "ok" and summary_of(proc)["shards_processed"] == 4

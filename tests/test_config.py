@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,11 +10,18 @@ from pipeline.compress.plan import output_fingerprint_payload
 from pipeline.config import (
     CompressConfig,
     ConfigError,
+    CorpusConfig,
+    EncoderConfig,
+    SelectorConfig,
+    TrainConfig,
     TrainSelectorConfig,
     load_config,
     preset_names,
     stable_hash,
 )
+from pipeline.evaluation.config import EvaluateConfig, EvaluateVLMConfig, ProbeConfig
+from pipeline.output.gc import GcConfig
+from pipeline.vlm.config import TrainVLMConfig, VLMTrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 BASELINE = ["selector.method=random"]
@@ -51,7 +59,6 @@ def test_preset_from_dotlist_then_field_override():
         (["selector.ratio=1.5"], "selector.ratio: must be in (0, 1]"),
         (["encoder.image_size=8"], "encoder.image_size: must be at least patch_size"),
         (["ray.num_actors_min=4"], "ray.num_actors_min: need 1 <= num_actors_min <= num_actors_max"),
-        (["selector.method=learned"], "selector.checkpoint: method=learned needs selector.checkpoint=PATH"),
         (["noequals"], "noequals: overrides are key=value"),
     ],
 )
@@ -95,3 +102,101 @@ def test_train_selector_config_loads():
     cfg = load_config(TrainSelectorConfig, None, ["train.steps=5", "train.selector_warmup_steps=2", "model.width=64"])
     assert cfg.train.steps == 5 and cfg.model.width == 64
     json.dumps(cfg.__dict__, default=str)
+
+
+JOB_CONFIGS = [CompressConfig, TrainSelectorConfig, EvaluateConfig, EvaluateVLMConfig, TrainVLMConfig, GcConfig,
+               CorpusConfig]
+
+
+@pytest.mark.parametrize("cls", JOB_CONFIGS, ids=lambda cls: cls.__name__)
+def test_every_job_config_builds_from_its_defaults(cls):
+    # Defaults build every sub-config through its default_factory, each checked by its __post_init__.
+    assert cls() == load_config(cls) == dataclasses.replace(cls())
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: dataclasses.replace(SelectorConfig(), mode="sometimes"),
+         "selector.mode: got 'sometimes', expected one of 'threshold', 'ratio', 'budget'"),
+        (lambda: SelectorConfig(mode="ratio", ratio=1.5), "selector.ratio: must be in (0, 1], got 1.5"),
+        (lambda: dataclasses.replace(EncoderConfig(), image_size=8),
+         "encoder.image_size: must be at least patch_size (16), got 8"),
+        (lambda: dataclasses.replace(EncoderConfig(), resize_mode="stretch"),
+         "encoder.resize_mode: got 'stretch', expected one of 'shortest_edge_crop', 'squash', 'pad'"),
+        (lambda: TrainConfig(lr=0.0), "train.lr: must be positive, got 0.0"),
+        (lambda: TrainSelectorConfig(train=TrainConfig(steps=50)),
+         "train.selector_warmup_steps: must be in [0, steps=50), got 100"),
+        (lambda: VLMTrainConfig(shuffle_buffer=0), "train.shuffle_buffer: must be a positive integer"),
+        (lambda: ProbeConfig(width=6), "probe.width: must be a multiple of heads (4), got 6"),
+        (lambda: dataclasses.replace(CompressConfig(), executor="nowhere"),
+         "executor: got 'nowhere', expected one of 'ray', 'local'"),
+        (lambda: EvaluateConfig(methods=["learned", "bogus"]),
+         ("methods[1]: got 'bogus', expected one of 'learned', 'none', 'random', 'uniform', 'norm', "
+          "'cls_attention', 'diversity', 'oracle'")),
+        (lambda: GcConfig(grace_hours=-1), "grace_hours: must be >= 0 (hours an unreferenced file is left alone)"),
+        (lambda: CorpusConfig(heldout_fraction=1.0), "heldout_fraction: got 1.0, expected a number in [0, 1)"),
+    ],
+)
+def test_configs_made_in_code_are_checked_too(make, message):
+    with pytest.raises(ConfigError) as info:
+        make()
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("cls", "yaml", "overrides", "message"),
+    [
+        (CompressConfig, None, ["selector.mode=sometimes"],
+         "selector.mode: got 'sometimes', expected one of 'threshold', 'ratio', 'budget'"),
+        (CompressConfig, None, ["selector.ratio=1.5"], "selector.ratio: must be in (0, 1], got 1.5"),
+        (TrainSelectorConfig, None, ["train.lr=-1"], "train.lr: must be positive, got -1.0"),
+        # A job config's check of its sub-config's field names it in full.
+        (TrainSelectorConfig, None, ["train.steps=50"],
+         "train.selector_warmup_steps: must be in [0, steps=50), got 100"),
+        (TrainSelectorConfig, None, ["train.selector_warmup_steps=-1"],
+         "train.selector_warmup_steps: must be in [0, steps=300), got -1"),
+        (TrainSelectorConfig, None, ["model.width=10"],
+         "model.width: must be a positive multiple of num_heads=4, got 10"),
+        (EvaluateConfig, None, ["probe.width=6"], "probe.width: must be a multiple of heads (4), got 6"),
+        # An InputConfig under probe.train_input is named there, not under its usual section (input).
+        (EvaluateConfig, "probe:\n  train_input:\n    path: ''\n", [],
+         "probe.train_input.path: must name a file, glob, brace pattern or folder (local or s3://)"),
+        (EvaluateConfig, None, ["probe.train_input.folder_shard_size=0"],
+         "probe.train_input.folder_shard_size: must be a positive integer"),
+        (EvaluateVLMConfig, None, ["keep_ratios=[0.5,2]"], "keep_ratios: must be numbers in (0, 1], got [0.5, 2.0]"),
+        (TrainVLMConfig, None, ["train.max_tokens=0"], "train.max_tokens: must be a positive integer or null"),
+        (GcConfig, None, ["grace_hours=-1"], "grace_hours: must be >= 0 (hours an unreferenced file is left alone)"),
+    ],
+)
+def test_nested_load_config_errors_name_the_full_dotted_key_once(tmp_path, cls, yaml, overrides, message):
+    path = None
+    if yaml:
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml)
+    with pytest.raises(ConfigError) as info:
+        load_config(cls, str(path) if path else None, overrides)
+    assert str(info.value) == message
+
+
+def test_learned_without_a_checkpoint_is_refused_where_the_selector_is_built():
+    # The default selector is method=learned without a checkpoint (it has no default), so a config cannot refuse
+    # it; build_selector does, before compress encodes anything.
+    from pipeline.selector import build_selector
+
+    cfg = load_config(CompressConfig, None, ["selector.method=learned"])
+    with pytest.raises(ConfigError, match="selector.checkpoint: method=learned needs a checkpoint"):
+        build_selector(cfg.selector, None)
+
+
+def test_evaluations_refuse_a_missing_checkpoint_before_loading_anything():
+    from pipeline.evaluation.runner import evaluate
+    from pipeline.evaluation.vlm_runner import evaluate_vlm
+
+    with pytest.raises(ConfigError, match="selector.checkpoint: the evaluation needs a trained selector"):
+        evaluate(EvaluateConfig(encoder=EncoderConfig(pretrained="/nonexistent")))
+    with pytest.raises(ConfigError, match="selector.checkpoint: method learned needs selector.checkpoint=PATH"):
+        evaluate_vlm(EvaluateVLMConfig(benchmark="/nonexistent.jsonl"))
+    evaluate_vlm_without_learned = EvaluateVLMConfig(benchmark="/nonexistent.jsonl", methods=["none", "random"])
+    with pytest.raises(ConfigError, match="benchmark"):  # no checkpoint needed: it gets as far as the benchmark
+        evaluate_vlm(evaluate_vlm_without_learned)

@@ -27,7 +27,7 @@ from job_runs import (
 from pipeline.config import CorpusConfig
 from pipeline.corpus import write_corpus
 from pipeline.output.commit import list_committed, sha256_hex
-from pipeline.output.format import IncompleteOutputError, read_manifest
+from pipeline.output.manifest import IncompleteOutputError, read_manifest
 from pipeline.storage import read_bytes
 
 pytestmark = pytest.mark.slow

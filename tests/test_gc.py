@@ -7,12 +7,13 @@ import time
 from pathlib import Path
 
 import pytest
+from job_runs import list_files
 
-from jobs.gc import main as gc_main
 from pipeline.config import ConfigError, load_config
 from pipeline.output.commit import CommittedShard, WrittenFile, commit_shard
 from pipeline.output.gc import GcConfig, find_orphans, remove
-from pipeline.storage import filesystem_for, list_files, write_bytes
+from pipeline.output.gc import run_gc as gc_main
+from pipeline.storage import filesystem_for, write_bytes
 
 HOUR = 3600.0
 COMMITTED = ("data/s0.run1-aa.parquet", "quarantine/s0.run1-aa.parquet")

@@ -31,7 +31,8 @@ from pipeline.encoders.gpu_preprocess import (
 )
 from pipeline.sources import list_shards
 from pipeline.stages import gpu_decode, kept_tokens
-from pipeline.stages.encode_select import EncodeSelectStage, batch_to_rows, decode_shard
+from pipeline.stages.decode import decode_shard
+from pipeline.stages.encode_select import EncodeSelectStage
 from pipeline.stages.gpu_decode import (
     decode_jpegs,
     gpu_decode_requested,
@@ -264,7 +265,7 @@ def test_nvjpeg_path_falls_back_per_image_and_quarantines_what_nothing_decodes(m
         got = staged.tiles[offsets[i] : offsets[i + 1]].numpy().astype(int)
         assert np.abs(got - cpu_tiles).max() <= 1 and (got != cpu_tiles).mean() <= DIFFERING_AT_MOST
     kept = stage.gather(stage.encode_and_select(staged))
-    encoded = batch_to_rows(stage.encoded_table(staged, kept))
+    encoded = stage.encoded_table(staged, kept).to_pylist()
     assert sorted(row["key"] for row in encoded if row["kind"] == "sample") == sorted(r["key"] for r in staged.samples)
     for row in encoded:
         if row["kind"] == "sample":

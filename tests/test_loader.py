@@ -7,15 +7,8 @@ import pytest
 import torch
 from pruned_fixtures import fixture_meta, fixture_table, write_output
 
-from pipeline.loader import (
-    PrunedTokenDataset,
-    PrunedTokenLoader,
-    ray_collate_fn,
-    read_pruned,
-    shuffle_buffer_order,
-    split_range,
-)
-from pipeline.output.format import IncompleteOutputError
+from pipeline.loader import PrunedTokenDataset, PrunedTokenLoader, shuffle_buffer_order, split_range
+from pipeline.output.manifest import IncompleteOutputError
 
 SHARDS = [11, 6, 9, 14]  # 40 rows in row groups of 4
 
@@ -203,6 +196,8 @@ def test_reads_from_s3(s3_bucket, s3_options):
 
 def test_read_pruned_feeds_ray_iter_torch_batches(output):
     ray = pytest.importorskip("ray")
+    from pipeline.loader.ray_data import ray_collate_fn, read_pruned
+
     root, expected = output
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

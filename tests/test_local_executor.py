@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -25,14 +26,9 @@ from pipeline.output.format import decode_tokens
 from pipeline.selector import build_selector, select_tokens
 from pipeline.sources import list_shards
 from pipeline.sources.decode import decode_image
-from pipeline.stages.encode_select import (
-    DECODED_SCHEMA,
-    EncodeSelectStage,
-    batch_to_rows,
-    batches,
-    decode_shard,
-    rows_to_batch,
-)
+from pipeline.stages.decode import decode_shard
+from pipeline.stages.encode_select import EncodeSelectStage
+from pipeline.stages.records import DECODED_SCHEMA, batches
 from pipeline.timeline import recording
 from tests.test_compress import stored_rows
 from tests.test_encoders import photo_like
@@ -63,7 +59,7 @@ def test_overlapped_run_stores_what_a_sequential_run_computes(corpus, tmp_path):
     stage = EncodeSelectStage(cfg)
     expected = {}
     for shard in list_shards(cfg.input, {}):
-        for row in batch_to_rows(stage(rows_to_batch(list(decode_shard(shard, cfg)), DECODED_SCHEMA))):
+        for row in stage(pa.Table.from_pylist(list(decode_shard(shard, cfg)), schema=DECODED_SCHEMA)).to_pylist():
             if row["kind"] == "sample":
                 expected[row["key"]] = row
     assert sorted(stored) == sorted(expected)

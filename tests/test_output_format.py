@@ -7,23 +7,21 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
-from pruned_fixtures import fixture_meta, write_output
+from pruned_fixtures import encode_rows, fixture_meta, write_output
 
 from pipeline.output import format as output_format
 from pipeline.output.format import (
     TORCH_DTYPES,
-    IncompleteOutputError,
     decode_tokens,
     decode_wds_sample,
     encode_quarantine_table,
-    encode_rows,
     encode_sample_table,
     read_format_metadata,
-    read_manifest,
     row_schema,
     samples_to_wds_tar,
     tokens_to_storage,
 )
+from pipeline.output.manifest import IncompleteOutputError, read_manifest
 
 DTYPES = ["float16", "bfloat16", "float32"]
 
@@ -97,6 +95,12 @@ def test_serialised_stage_rows_encode_to_the_same_table():
     from_rows = encode_sample_table(samples, meta)
     assert from_rows.drop_columns(["json"]).equals(table)
     assert from_rows.schema.field("json").type == pa.string()
+    # The writer assembles columns on the stage's buffers; Arrow's own row-by-row build must give the same table.
+    by_arrow = pa.Table.from_pylist(
+        [{**{k: v for k, v in row.items() if k != "shard_id"}, "source_shard": row["shard_id"],
+          "positions": np.frombuffer(row["positions"], "<i4").tolist()} for row in samples],
+        schema=row_schema(meta))
+    assert from_rows.equals(by_arrow)
     bad = dict(samples[0], n_kept=4)
     with pytest.raises(ValueError, match="n_kept"):
         encode_sample_table([bad], meta)

@@ -2,12 +2,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fsspec.implementations.local import LocalFileSystem
+from job_runs import list_files
 
 from pipeline.storage import (
     create_exclusive,
     filesystem_for,
     join_url,
-    list_files,
     read_bytes,
     url_for,
     write_bytes,

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import ray
 
-from jobs.train_selector import encode_token_sets, main
 from pipeline.config import (
     ConfigError,
     CorpusConfig,
@@ -18,6 +17,8 @@ from pipeline.config import (
 )
 from pipeline.corpus import write_corpus
 from pipeline.encoders import VisionEncoder
+from pipeline.ray_train.selector import encode_token_sets
+from pipeline.ray_train.selector import train_selector as main
 from pipeline.selector import build_selector
 from pipeline.selector.model import SelectorAutoencoder
 from pipeline.selector.training import sample_batches, train_loop

@@ -7,11 +7,14 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from pruned_fixtures import encode_rows
 
-from jobs.train_vlm import main, resolve_input
 from pipeline.config import ConfigError, load_config
 from pipeline.loader import PrunedTokenDataset, PrunedTokenLoader
-from pipeline.output.format import MANIFEST_SCHEMA, encode_rows, format_metadata
+from pipeline.output.format import format_metadata
+from pipeline.output.manifest import MANIFEST_SCHEMA
+from pipeline.ray_train.vlm import resolve_input
+from pipeline.ray_train.vlm import train_vlm as main
 from pipeline.vlm.config import TrainVLMConfig
 from pipeline.vlm.feed import CaptionCollator, CaptionLoss, image_token_id
 from pipeline.vlm.train import (

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import time
 
-log = logging.getLogger(__name__)
+from pipeline.compress.shard_committer import RunTotals
 
+log = logging.getLogger(__name__)
 
 
 class ProgressReporter:
@@ -17,15 +18,15 @@ class ProgressReporter:
         self.started = time.monotonic()
         self.last = 0.0
 
-    def update(self, *, shards_done: int, images: int, quarantined: int, tokens_full: int, tokens_kept: int,
-               force: bool = False) -> None:
+    def update(self, totals: RunTotals, force: bool = False) -> None:
         now = time.monotonic()
         if not force and now - self.last < self.interval_s:
             return
         self.last = now
         elapsed = max(now - self.started, 1e-9)
-        kept = 100.0 * tokens_kept / tokens_full if tokens_full else 0.0
+        kept = 100.0 * totals.tokens_kept / totals.tokens_full if totals.tokens_full else 0.0
         log.info(
-            f"[{self.prefix}] shards {shards_done}/{self.total_shards} | images {images} "
-            f"({images / elapsed:.1f}/s) | kept tokens {kept:.1f}% | quarantined {quarantined} | {elapsed:.0f}s"
+            f"[{self.prefix}] shards {totals.shards_processed}/{self.total_shards} | images {totals.images} "
+            f"({totals.images / elapsed:.1f}/s) | kept tokens {kept:.1f}% | quarantined {totals.quarantined} "
+            f"| {elapsed:.0f}s"
         )

@@ -16,9 +16,11 @@ from pipeline.compress.progress import ProgressReporter
 from pipeline.compress.shard_committer import ShardCommitter
 from pipeline.config import CompressConfig, JobError
 from pipeline.encoders import VisionEncoder
-from pipeline.output.commit import current_shards, list_committed, write_manifest
+from pipeline.output.commit import list_committed
 from pipeline.output.format import format_metadata
+from pipeline.output.manifest import current_shards, write_manifest
 from pipeline.stages.encode_select import Models
+from pipeline.stages.records import END
 from pipeline.storage import absolute_url, write_bytes
 
 log = logging.getLogger(__name__)
@@ -92,10 +94,10 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     if cfg.executor != "local":
         models = None  # the actors load their own; this copy only named them
     log.info(f"[compress] output {plan.output_dir} | shards {len(plan.shards)} | to do {len(plan.todo)} "
-        f"| already committed {plan.skipped}")
+             f"| already committed {plan.skipped}")
     summary: dict[str, Any] = {
         "output": plan.output_dir, "cfg_hash": plan.cfg_hash, "shards_total": len(plan.shards),
-        "shards_processed": 0, "shards_skipped": plan.skipped, "images": 0, "quarantined": 0,
+        "shards_processed": 0, "shards_skipped": plan.skipped, "shards_lost_race": 0, "images": 0, "quarantined": 0,
         "tokens_full": 0, "tokens_kept": 0, "bytes_written": 0,
     }
     if cfg.dry_run:
@@ -113,14 +115,9 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     if plan.todo:
         progress = ProgressReporter(len(plan.todo), cfg.progress_interval_s)
         for record in run_stages(plan, _file_metadata(plan, dim), models):
-            if committer.observe(record) is not None or record["kind"] == "end":
-                totals = committer.totals
-                progress.update(shards_done=totals.shards_processed, images=totals.images,
-                                quarantined=totals.quarantined, tokens_full=totals.tokens_full,
-                                tokens_kept=totals.tokens_kept)
-        totals = committer.totals
-        progress.update(shards_done=totals.shards_processed, images=totals.images, quarantined=totals.quarantined,
-                        tokens_full=totals.tokens_full, tokens_kept=totals.tokens_kept, force=True)
+            if committer.observe(record) is not None or record["kind"] == END:
+                progress.update(committer.totals)
+        progress.update(committer.totals, force=True)
         if committer.unfinished():
             raise JobError(f"shards not fully written: {', '.join(committer.unfinished())}; rerun to finish them")
     fingerprints_now = {s.shard_id: s.fingerprint for s in plan.shards}
@@ -129,7 +126,8 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     totals = committer.totals
     wall_s = time.monotonic() - started
     summary.update(
-        shards_processed=totals.shards_processed, images=totals.images, quarantined=totals.quarantined,
+        shards_processed=totals.shards_processed, shards_lost_race=totals.shards_lost_race, images=totals.images,
+        quarantined=totals.quarantined,
         tokens_full=totals.tokens_full, tokens_kept=totals.tokens_kept, bytes_written=totals.bytes_written,
         kept_fraction=round(totals.tokens_kept / totals.tokens_full, 4) if totals.tokens_full else None,
         images_per_s=round(totals.images / wall_s, 2), wall_s=round(wall_s, 3),

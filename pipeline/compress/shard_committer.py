@@ -9,6 +9,7 @@ from typing import Any
 
 from pipeline.failpoints import maybe_fail
 from pipeline.output.commit import CommittedShard, WrittenFile, commit_shard
+from pipeline.stages.records import DATA, END
 
 
 @dataclass
@@ -44,7 +45,6 @@ class ShardCommitter:
         self.storage_options = storage_options
         self.pending: dict[str, _Pending] = {}
         self.totals = RunTotals()
-        self.committed: list[CommittedShard] = []
 
     def observe(self, record: dict[str, Any]) -> CommittedShard | None:
         shard_id = record["shard_id"]
@@ -54,14 +54,14 @@ class ShardCommitter:
         pending = self.pending[shard_id]
         shard = pending.shard
         kind = record["kind"]
-        if kind == "end":
+        if kind == END:
             pending.end = record
             shard.source_url, shard.source_fingerprint = record["source_url"], record["source_fingerprint"]
         else:
             written = WrittenFile(path=record["path"], rows=int(record["rows"]), bytes=int(record["bytes"]),
                                   sha256=record["sha256"])
             self.totals.bytes_written += written.bytes
-            if kind == "data":
+            if kind == DATA:
                 shard.files.append(written)
                 shard.rows += written.rows
                 shard.tokens_full += int(record["tokens_full"])
@@ -83,7 +83,6 @@ class ShardCommitter:
             totals.quarantined += shard.quarantined
             totals.tokens_full += shard.tokens_full
             totals.tokens_kept += shard.tokens_kept
-            self.committed.append(shard)
             maybe_fail("ATR_FAIL_DRIVER_AFTER_COMMITS", totals.shards_processed)
         else:
             self.totals.shards_lost_race += 1

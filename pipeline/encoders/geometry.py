@@ -33,11 +33,8 @@ class PreparedImage:
 
 
 def check_geometry(cfg: EncoderConfig) -> None:
-    """Reject settings the token geometry cannot represent, naming the key to change."""
-    if cfg.patch_size <= 0 or cfg.image_size < cfg.patch_size:
-        raise ConfigError(
-            f"encoder.image_size={cfg.image_size} must be at least encoder.patch_size={cfg.patch_size} > 0"
-        )
+    """Reject settings the token geometry cannot represent, naming the key to change. (Sizes are valid already:
+    ``EncoderConfig`` checks ``patch_size > 0`` and ``image_size >= patch_size``.)"""
     if cfg.select_feature != "patch":
         raise ConfigError(
             f"encoder.select_feature={cfg.select_feature!r}: only 'patch' is supported; tokens are the "

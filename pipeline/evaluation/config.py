@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal, get_args
 
 from pipeline.config import (
+    Config,
     DecodeConfig,
     EncoderConfig,
     InputConfig,
@@ -19,8 +20,10 @@ DEFAULT_KEEP_RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
 
 @dataclass(kw_only=True)
-class ProbeConfig:
+class ProbeConfig(Config):
     """The frozen probe: trained on full token sets of ``train_input``, then read pruned sets unchanged."""
+
+    SECTION = "probe"
 
     task: Literal["family", "has_digits", "family_digits", "n_shapes"] = "family_digits"
     train_input: InputConfig = field(default_factory=lambda: InputConfig(path="demo_output/corpus/train"))
@@ -32,7 +35,7 @@ class ProbeConfig:
     heads: int = 4
     seed: int = 0
 
-    def validate(self) -> None:
+    def check(self) -> None:
         for name in ("steps", "batch_size", "width", "heads"):
             require(getattr(self, name) > 0, name, f"must be a positive integer, got {getattr(self, name)}")
         require(self.width % self.heads == 0, "width", f"must be a multiple of heads ({self.heads}), got {self.width}")
@@ -40,11 +43,13 @@ class ProbeConfig:
 
 
 @dataclass(kw_only=True)
-class EvaluateConfig:
+class EvaluateConfig(Config):
     """Evaluate token selection on held-out images with ground-truth text boxes.
 
-    ``selector`` supplies the trained checkpoint (``selector.checkpoint``), the seed of the random baseline and
-    ``min_tokens``; the method, mode, ratio and threshold are set by the evaluation for each method it runs.
+    ``selector`` supplies the trained checkpoint (``selector.checkpoint``: needed whatever the methods, since the
+    trained reconstructor scores them all; :func:`pipeline.evaluation.runner.evaluate` checks it is set), the seed
+    of the random baseline and ``min_tokens``; the method, mode, ratio and threshold are set by the evaluation for
+    each method it runs.
     """
 
     input: InputConfig = field(default_factory=lambda: InputConfig(path="demo_output/corpus/heldout"))
@@ -68,7 +73,7 @@ class EvaluateConfig:
     overlays: int = 4
     overlay_ratio: float = 0.3
 
-    def validate(self) -> None:
+    def check(self) -> None:
         require(bool(self.methods), "methods", "must name at least one of " + ", ".join(get_args(Method)))
         require(bool(self.keep_ratios) and all(0 < r <= 1 for r in self.keep_ratios), "keep_ratios",
                 f"must be numbers in (0, 1], got {self.keep_ratios}")
@@ -78,18 +83,15 @@ class EvaluateConfig:
         require(0 <= self.text_patch_min_coverage < 1, "text_patch_min_coverage",
                 f"must be in [0, 1), got {self.text_patch_min_coverage}")
         require(self.batch_size > 0 and self.overlays >= 0, "batch_size", "batch_size must be positive, overlays >= 0")
-        # The trained reconstructor scores every method, so the checkpoint is needed even without method learned.
-        require(bool(self.selector.checkpoint), "selector.checkpoint",
-                "the evaluation needs a trained selector; train one with python -m jobs.train_selector and pass "
-                "selector.checkpoint=PATH")
 
 
 @dataclass(kw_only=True)
-class EvaluateVLMConfig:
+class EvaluateVLMConfig(Config):
     """Answer a local VQA benchmark with a LLaVA-NeXT model fed full, selector-pruned and random-pruned features.
 
     ``encoder`` must be the model's own vision tower at its feature layer (the selector was trained on its
     tokens); its tokens go through the model's projector, so its width must be the projector's input width.
+    Method ``learned`` needs ``selector.checkpoint``; :func:`pipeline.evaluation.vlm_runner.evaluate_vlm` checks it.
     """
 
     benchmark: str = "demo_output/vqa/benchmark.jsonl"
@@ -122,7 +124,7 @@ class EvaluateVLMConfig:
     max_questions: int | None = None
     output: str = "demo_output/evaluate_vlm"
 
-    def validate(self) -> None:
+    def check(self) -> None:
         require(bool(self.methods), "methods", "must name at least one of none, learned, random, ...")
         require(bool(self.keep_ratios) and all(0 < r <= 1 for r in self.keep_ratios), "keep_ratios",
                 f"must be numbers in (0, 1], got {self.keep_ratios}")
@@ -130,5 +132,3 @@ class EvaluateVLMConfig:
                 f"must hold one <image> and one {{question}}, got {self.prompt!r}")
         require(self.max_new_tokens > 0 and self.batch_size > 0, "batch_size",
                 "batch_size and max_new_tokens must be positive integers")
-        require("learned" not in self.methods or bool(self.selector.checkpoint), "selector.checkpoint",
-                "method learned needs selector.checkpoint=PATH (train one with python -m jobs.train_selector)")

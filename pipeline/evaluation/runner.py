@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.config import JobError, SelectorConfig
+from pipeline.config import ConfigError, JobError, SelectorConfig
 from pipeline.encoders import VisionEncoder, token_boxes
 from pipeline.evaluation import metrics
 from pipeline.evaluation.config import EvaluateConfig
@@ -38,8 +38,8 @@ from pipeline.evaluation.probe import (
 )
 from pipeline.evaluation.report import ROW_METRICS, evaluation_markdown, write_report
 from pipeline.evaluation.samples import (
+    EncodedBatch,
     LabelledImage,
-    TokenBatch,
     batched,
     encode_batch,
     iter_labelled_images,
@@ -127,7 +127,7 @@ class GroundTruth:
     coverage: list[np.ndarray]  # per image, [n_tokens] text fraction of each region
 
 
-def ground_truth(images: list[LabelledImage], batch: TokenBatch, cfg: EvaluateConfig) -> GroundTruth:
+def ground_truth(images: list[LabelledImage], batch: EncodedBatch, cfg: EvaluateConfig) -> GroundTruth:
     truth = GroundTruth([], [], [])
     for item, encoded in zip(images, batch.encoded):
         boxes = token_boxes(item.image.size, encoded.grid, cfg.encoder)
@@ -138,7 +138,7 @@ def ground_truth(images: list[LabelledImage], batch: TokenBatch, cfg: EvaluateCo
     return truth
 
 
-def method_scores(method: str, selectors: dict[str, Any], images: list[LabelledImage], batch: TokenBatch,
+def method_scores(method: str, selectors: dict[str, Any], images: list[LabelledImage], batch: EncodedBatch,
                   truth: GroundTruth, device: torch.device) -> torch.Tensor:
     keys = [item.key for item in images]
     mask = batch.mask.to(device)
@@ -152,7 +152,7 @@ def method_scores(method: str, selectors: dict[str, Any], images: list[LabelledI
 
 
 @torch.inference_mode()
-def image_records(keep: torch.Tensor, images: list[LabelledImage], batch: TokenBatch, truth: GroundTruth,
+def image_records(keep: torch.Tensor, images: list[LabelledImage], batch: EncodedBatch, truth: GroundTruth,
                   autoencoder: SelectorAutoencoder, probe: AttentionPoolProbe, labels: torch.Tensor) -> list[dict[str, Any]]:
     tokens, mask = batch.tokens.to(keep.device), batch.mask.to(keep.device)
     recon = reconstruction_error(autoencoder.reconstruct(tokens, mask, keep), tokens, mask).cpu()
@@ -266,7 +266,7 @@ class OverlayCase:
     panels: list[tuple[str, np.ndarray]]
 
 
-def overlay_panels(cfg: EvaluateConfig, scores: dict[str, torch.Tensor], row: int, batch: TokenBatch) -> list[tuple[str, np.ndarray]]:
+def overlay_panels(cfg: EvaluateConfig, scores: dict[str, torch.Tensor], row: int, batch: EncodedBatch) -> list[tuple[str, np.ndarray]]:
     """random at r | learned at r | learned in threshold mode, for the methods that were evaluated."""
     mask = batch.mask[row : row + 1].to(next(iter(scores.values())).device)
     wanted = [
@@ -292,7 +292,7 @@ def overlay_wanted(cfg: EvaluateConfig, chosen: list[OverlayCase], family: str) 
     return len(chosen) - documents < natural_slots
 
 
-def grid_tile_tokens(batch: TokenBatch, row: int) -> slice:
+def grid_tile_tokens(batch: EncodedBatch, row: int) -> slice:
     """Anyres: the base tile's tokens cover the whole image coarsely; overlays draw the grid tiles only."""
     encoded = batch.encoded[row]
     return slice(encoded.side * encoded.side if encoded.grid != (0, 0) else 0, encoded.tokens.shape[0])
@@ -337,7 +337,10 @@ def evaluate_heldout(cfg: EvaluateConfig, encoder: VisionEncoder, selectors: dic
 
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
-    cfg.validate()
+    # The trained reconstructor scores every method, so the checkpoint is needed even without method learned.
+    if not cfg.selector.checkpoint:
+        raise ConfigError("selector.checkpoint: the evaluation needs a trained selector; train one with "
+                          "python -m jobs.train_selector and pass selector.checkpoint=PATH")
     started = time.monotonic()
     encoder = VisionEncoder.from_config(cfg.encoder)
     device = torch.device(encoder.device)

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
-import torch
 from PIL import Image
 
 from pipeline.config import DecodeConfig, InputConfig
 from pipeline.encoders import EncodedImage, VisionEncoder
+from pipeline.selector.training import TokenBatch, pad_token_sets
 from pipeline.sources import Quarantined, iter_shard, list_shards
 from pipeline.sources.decode import DecodeError, decode_image
 
@@ -84,30 +84,18 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-@dataclass
-class TokenBatch:
-    """Encoded images padded to a common length."""
+@dataclass(kw_only=True)
+class EncodedBatch(TokenBatch):
+    """Encoded images padded to a common length, with the images' own records (size, grid)."""
 
     encoded: list[EncodedImage]
-    tokens: torch.Tensor  # [B, N, D] float32, zeros in padding
-    mask: torch.Tensor  # [B, N] bool, True at real tokens
-    cls_attention: torch.Tensor | None  # [B, N], when the encoder supplies it
 
 
-def pad_encoded(encoded: list[EncodedImage]) -> TokenBatch:
-    length = max(e.tokens.shape[0] for e in encoded)
-    tokens = torch.zeros(len(encoded), length, encoded[0].tokens.shape[1])
-    mask = torch.zeros(len(encoded), length, dtype=torch.bool)
-    has_attention = all(e.cls_attention is not None for e in encoded)
-    cls_attention = torch.zeros(len(encoded), length) if has_attention else None
-    for row, item in enumerate(encoded):
-        n = item.tokens.shape[0]
-        tokens[row, :n] = item.tokens
-        mask[row, :n] = True
-        if cls_attention is not None:
-            cls_attention[row, :n] = item.cls_attention
-    return TokenBatch(encoded, tokens, mask, cls_attention)
+def pad_encoded(encoded: list[EncodedImage]) -> EncodedBatch:
+    attention = [e.cls_attention for e in encoded] if all(e.cls_attention is not None for e in encoded) else None
+    padded = pad_token_sets([e.tokens for e in encoded], attention)
+    return EncodedBatch(padded.tokens, padded.mask, padded.cls_attention, encoded=encoded)
 
 
-def encode_batch(encoder: VisionEncoder, images: list[LabelledImage], with_cls_attention: bool = False) -> TokenBatch:
+def encode_batch(encoder: VisionEncoder, images: list[LabelledImage], with_cls_attention: bool = False) -> EncodedBatch:
     return pad_encoded(encoder.encode_images([item.image for item in images], with_cls_attention=with_cls_attention))

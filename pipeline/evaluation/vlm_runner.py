@@ -28,7 +28,7 @@ from pipeline.evaluation.metrics import ANSWER_METRICS
 from pipeline.evaluation.plots import plot_metrics_vs_ratio
 from pipeline.evaluation.report import pivot_markdown, write_report
 from pipeline.evaluation.runner import Setting, keep_mask
-from pipeline.evaluation.samples import TokenBatch, batched, pad_encoded
+from pipeline.evaluation.samples import EncodedBatch, batched, pad_encoded
 from pipeline.loader.collate import pad_collate
 from pipeline.selector import build_selector
 from pipeline.sources.decode import DecodeError, decode_image
@@ -95,7 +95,7 @@ def load_model(cfg: EvaluateVLMConfig, device: torch.device, dtype: torch.dtype)
 # --------------------------------------------------------------------------------------------- one batch
 
 
-def pruned_samples(batch: TokenBatch, keep: torch.Tensor, rows: list[int], keys: list[str]) -> dict[str, Any]:
+def pruned_samples(batch: EncodedBatch, keep: torch.Tensor, rows: list[int], keys: list[str]) -> dict[str, Any]:
     """The kept tokens of ``rows`` as a :func:`pad_collate` batch, the form ``pipeline.vlm.feed`` reads."""
     samples = []
     for row in rows:
@@ -244,7 +244,9 @@ def start_run(cfg: EvaluateVLMConfig, metric: str) -> VQARun:
 
 
 def evaluate_vlm(cfg: EvaluateVLMConfig) -> dict[str, Any]:
-    cfg.validate()
+    if "learned" in cfg.methods and not cfg.selector.checkpoint:  # before the model loads, not after
+        raise ConfigError("selector.checkpoint: method learned needs selector.checkpoint=PATH (train one with "
+                          "python -m jobs.train_selector)")
     started = time.monotonic()
     fields = Fields(cfg.image_field, cfg.question_field, cfg.answers_field, cfg.id_field)
     questions = read_benchmark(cfg.benchmark, cfg.split, fields, cfg.max_questions)

@@ -1,15 +1,14 @@
-"""Resumable loaders over a compress output's manifest."""
+"""Resumable loaders over a compress output's manifest.
 
-from pipeline.loader.dataset import (
-    READ_COLUMNS,
-    PrunedTokenDataset,
-    PrunedTokenLoader,
-    data_file_urls,
-    ray_collate_fn,
-    read_pruned,
-    shuffle_buffer_order,
-    split_range,
-)
+``order`` (which rows each worker reads, in what order), ``reading`` (the committed files and their rows),
+``dataset`` (the torch ``IterableDataset``), ``dataloader`` (the counting DataLoader), ``collate`` (batching) and
+``ray_data`` (the Ray Data path; import it from there, as this package does not import Ray).
+"""
 
-__all__ = ["READ_COLUMNS", "PrunedTokenDataset", "PrunedTokenLoader", "data_file_urls", "ray_collate_fn",
-           "read_pruned", "shuffle_buffer_order", "split_range"]
+from pipeline.loader.dataloader import PrunedTokenLoader
+from pipeline.loader.dataset import PrunedTokenDataset
+from pipeline.loader.order import shuffle_buffer_order, split_range
+from pipeline.loader.reading import READ_COLUMNS, data_file_urls
+
+__all__ = ["READ_COLUMNS", "PrunedTokenDataset", "PrunedTokenLoader", "data_file_urls", "shuffle_buffer_order",
+           "split_range"]

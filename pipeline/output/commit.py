@@ -1,4 +1,4 @@
-"""The commit protocol: a shard counts only once its marker exists; the manifest is rebuilt from the markers.
+"""The commit protocol: a shard counts only once its marker exists.
 
 Data files are written under attempt-unique names by any worker; only the driver calls :func:`commit_shard`,
 which creates ``_committed/{shard_id}.{source}.json`` if absent. A loser of a commit race deletes its own files.
@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from pipeline.output.format import MANIFEST_NAME, MANIFEST_SCHEMA
-from pipeline.storage import create_exclusive, filesystem_for, write_bytes
+from pipeline.storage import create_exclusive, filesystem_for
 
 COMMITTED_DIR = "_committed"
+# Attempt files: written under attempt-unique names, visible only once a marker references them.
+DATA_DIR = "data"
+QUARANTINE_DIR = "quarantine"
 
 
 @dataclass
@@ -92,35 +90,6 @@ def delete_files(output_dir: str, relative_paths: list[str], storage_options: di
         path = f"{root}/{relative}"
         if fs.exists(path):
             fs.rm(path)
-
-
-def current_shards(committed: dict[tuple[str, str], CommittedShard], fingerprints: dict[str, str]) -> list[CommittedShard]:
-    """One marker per shard: the one matching the input's current fingerprint, else (input gone) the newest."""
-    by_shard: dict[str, CommittedShard] = {}
-    for (shard_id, fingerprint), shard in sorted(committed.items()):
-        best = by_shard.get(shard_id)
-        if best is None or fingerprints.get(shard_id) == fingerprint or (
-            fingerprints.get(shard_id) != best.source_fingerprint and shard.committed_at > best.committed_at
-        ):
-            by_shard[shard_id] = shard
-    return [by_shard[s] for s in sorted(by_shard)]
-
-
-def manifest_table(shards: list[CommittedShard]) -> pa.Table:
-    rows = [
-        {"shard_id": s.shard_id, "path": f.path, "rows": f.rows, "bytes": f.bytes, "sha256": f.sha256,
-         "source_fingerprint": s.source_fingerprint, "attempt": s.attempt}
-        for s in shards
-        for f in sorted(s.files, key=lambda f: f.path)
-    ]
-    return pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-
-
-def write_manifest(output_dir: str, shards: list[CommittedShard], storage_options: dict) -> None:
-    """Deterministic bytes for the same committed set, so a rerun with nothing new leaves it byte-identical."""
-    buffer = io.BytesIO()
-    pq.write_table(manifest_table(shards), buffer, compression="zstd")
-    write_bytes(f"{output_dir}/{MANIFEST_NAME}", buffer.getvalue(), storage_options)
 
 
 def sha256_hex(data: bytes) -> str:

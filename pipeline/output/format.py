@@ -21,10 +21,8 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import SCHEMA_VERSION
-from pipeline.storage import filesystem_for
 
 METADATA_KEY = b"atr"
-MANIFEST_NAME = "manifest.parquet"
 # bfloat16 has no numpy dtype: it is stored and shipped as its raw 16-bit words.
 STORAGE_NUMPY = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "float32": np.dtype("<f4")}
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -49,16 +47,6 @@ CORE_FIELDS = [
 ]
 CORE_COLUMNS = tuple(f.name for f in CORE_FIELDS)
 
-MANIFEST_SCHEMA = pa.schema([
-    ("shard_id", pa.string()),
-    ("path", pa.string()),  # relative to the cfg_hash directory
-    ("rows", pa.int64()),
-    ("bytes", pa.int64()),
-    ("sha256", pa.string()),
-    ("source_fingerprint", pa.string()),
-    ("attempt", pa.string()),
-])
-
 QUARANTINE_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("source_shard", pa.string()),
@@ -67,10 +55,6 @@ QUARANTINE_SCHEMA = pa.schema([
 
 # Arrow's binary type has 32-bit offsets; larger batches are split into several record batches.
 MAX_BINARY_BYTES = 2**31 - 1
-
-
-class IncompleteOutputError(FileNotFoundError):
-    """An output directory without a manifest: no run has finished there."""
 
 
 # --------------------------------------------------------------------------------------------- metadata
@@ -160,7 +144,8 @@ def decode_tokens(binary: Any, dtype: str, dim: int, out_dtype: torch.dtype = to
     return stored.to(out_dtype).view(-1, dim)
 
 
-def _binary_from_buffer(data: np.ndarray, lengths: np.ndarray) -> pa.Array:
+def binary_array(data: np.ndarray, lengths: np.ndarray) -> pa.Array:
+    """An Arrow binary array over ``data``'s bytes (not copied), cut into rows of ``lengths`` bytes."""
     offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     return pa.BinaryArray.from_buffers(
@@ -207,7 +192,7 @@ def _assemble(
         byte_lo = token_ends[start - 1] if start else 0
         pos_lo = position_ends[start - 1] if start else 0
         arrays = {
-            "tokens": _binary_from_buffer(token_data[byte_lo:token_ends[stop - 1]], token_lengths[start:stop]),
+            "tokens": binary_array(token_data[byte_lo:token_ends[stop - 1]], token_lengths[start:stop]),
             "positions": _list_int32(
                 position_values[pos_lo:position_ends[stop - 1]], position_lengths[start:stop]
             ),
@@ -221,46 +206,6 @@ def _assemble(
                 arrays[field.name] = pa.array(values[start:stop], type=field.type)
         batches.append(pa.record_batch([arrays[name] for name in schema.names], schema=schema))
     return pa.Table.from_batches(batches, schema=schema)
-
-
-def encode_rows(
-    meta: Mapping[str, Any],
-    *,
-    keys: Sequence[str],
-    source_shard: str | Sequence[str],
-    widths: Sequence[int],
-    heights: Sequence[int],
-    n_tokens: Sequence[int],
-    tokens: Sequence[torch.Tensor | np.ndarray],
-    positions: Sequence[torch.Tensor | np.ndarray | Sequence[int]],
-    grids: Sequence[tuple[int, int]],
-    scores: Sequence[torch.Tensor | np.ndarray | None] | None = None,
-    passthrough: Mapping[str, Sequence[str | None]] | None = None,
-) -> pa.Table:
-    """Kept tokens per sample (``[n_kept, D]`` floats) -> one table; tokens cast once to the stored dtype."""
-    n = len(keys)
-    passthrough = dict(passthrough or {})
-    schema = row_schema(meta, list(passthrough))
-    dim, dtype = meta["dim"], meta["dtype"]
-    if n == 0:
-        return schema.empty_table()
-    lengths = np.array([len(t) for t in tokens], dtype=np.int64)
-    stacked = torch.cat([torch.as_tensor(t).reshape(-1, dim) for t in tokens])
-    data = tokens_to_storage(stacked, dtype).reshape(-1).view(np.uint8)
-    flat_positions = np.concatenate([np.asarray(p, dtype=np.int32).reshape(-1) for p in positions])
-    position_lengths = np.array([len(p) for p in positions], dtype=np.int64)
-    if not np.array_equal(position_lengths, lengths):
-        raise ValueError("each sample needs exactly one position per kept token")
-    score_bytes = [None if s is None else tokens_to_storage(s, "float16").tobytes() for s in (scores or [None] * n)]
-    columns = {
-        "key": list(keys),
-        "source_shard": [source_shard] * n if isinstance(source_shard, str) else list(source_shard),
-        "width": widths, "height": heights, "n_tokens": n_tokens, "n_kept": lengths,
-        "grid_rows": [g[0] for g in grids], "grid_cols": [g[1] for g in grids],
-        **{name: list(values) for name, values in passthrough.items()},
-    }
-    itemsize = STORAGE_NUMPY[dtype].itemsize
-    return _assemble(schema, columns, data, lengths * dim * itemsize, flat_positions, position_lengths, score_bytes)
 
 
 def encode_sample_table(samples: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> pa.Table:
@@ -297,6 +242,26 @@ def encode_quarantine_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
         [{"key": r["key"], "source_shard": r["shard_id"], "reason": r["reason"]} for r in rows],
         schema=QUARANTINE_SCHEMA,
     )
+
+
+# --------------------------------------------------------------------------------------------- Parquet files
+
+# Float16 features barely compress (zstd saves ~8%) yet cost readers 3-4x the CPU; they are stored raw.
+RAW_COLUMNS = frozenset({"tokens", "scores"})
+
+
+def parquet_bytes(table: pa.Table, row_group_size: int = 1024) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(
+        table, buffer, row_group_size=row_group_size,
+        compression={name: "none" if name in RAW_COLUMNS else "zstd" for name in table.column_names},
+        use_dictionary=[name for name in table.column_names if name not in RAW_COLUMNS],
+    )
+    return buffer.getvalue()
+
+
+def parquet_rows(data: bytes) -> int:
+    return pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
 
 
 # --------------------------------------------------------------------------------------------- WebDataset output
@@ -372,23 +337,3 @@ def samples_to_wds_tar(samples: Sequence[Mapping[str, Any]], meta: Mapping[str, 
                 member.size = len(data)
                 tar.addfile(member, io.BytesIO(data))
     return buffer.getvalue()
-
-
-# --------------------------------------------------------------------------------------------- manifest
-
-
-def read_manifest(output_dir: str, storage_options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The committed data files of one output (``{output}/{encoder}/{cfg_hash}``), in manifest order."""
-    url = f"{output_dir.rstrip('/')}/{MANIFEST_NAME}"
-    fs, path = filesystem_for(url, dict(storage_options or {}))
-    try:
-        with fs.open(path, "rb") as handle:
-            table = pq.read_table(handle)
-    except FileNotFoundError:
-        raise IncompleteOutputError(
-            f"incomplete output: no {MANIFEST_NAME} in {output_dir} — the compress job has not finished a run"
-        ) from None
-    missing = [name for name in MANIFEST_SCHEMA.names if name not in table.column_names]
-    if missing:
-        raise ValueError(f"{url}: not an atr manifest (missing columns {', '.join(missing)})")
-    return table.select(MANIFEST_SCHEMA.names).to_pylist()

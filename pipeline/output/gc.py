@@ -7,19 +7,19 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from pipeline.config import StorageConfig, require
-from pipeline.output.commit import COMMITTED_DIR, list_committed
+from pipeline.config import Config, StorageConfig, require
+from pipeline.output.commit import COMMITTED_DIR, DATA_DIR, QUARANTINE_DIR, list_committed
 from pipeline.storage import filesystem_for
 
 log = logging.getLogger(__name__)
 
-ATTEMPT_DIRS = ("data", "quarantine")
+ATTEMPT_DIRS = (DATA_DIR, QUARANTINE_DIR)
 # compress writes _config.json before any data file, so a run that crashed before its first commit is found too.
 OUTPUT_MARKERS = ("_config.json", COMMITTED_DIR)
 
 
 @dataclass(kw_only=True)
-class GcConfig:
+class GcConfig(Config):
     """Remove uncommitted attempt files under a compress output (dry run unless apply=true)."""
 
     path: str = "demo_output/compressed"
@@ -27,7 +27,7 @@ class GcConfig:
     apply: bool = False
     storage: StorageConfig = field(default_factory=StorageConfig)
 
-    def validate(self) -> None:
+    def check(self) -> None:
         require(self.grace_hours >= 0, "grace_hours", "must be >= 0 (hours an unreferenced file is left alone)")
 
 

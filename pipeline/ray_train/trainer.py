@@ -1,8 +1,9 @@
-"""Ray Train plumbing shared by the training jobs: start or join Ray, run a TorchTrainer, average metrics."""
+"""Ray Train plumbing shared by the training runs: run a TorchTrainer, log from its workers, average metrics."""
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from typing import Any, Callable
 
@@ -12,15 +13,8 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from pipeline.config import ConfigError, JobError, RayConfig
+from pipeline.config import ConfigError, JobError
 from pipeline.storage import filesystem_for, is_local
-
-
-def init_ray(cfg: RayConfig) -> None:
-    if ray.is_initialized():
-        return
-    # Without an address, start a private in-process cluster rather than joining whatever runs on this host.
-    ray.init(address=cfg.address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
 
 
 def ray_storage_path(output: str) -> str:
@@ -51,6 +45,13 @@ def fit(worker: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], *
             if isinstance(failure, ConfigError):
                 raise ConfigError(str(failure)) from None
         raise JobError(f"{name} failed: {exc}") from None
+
+
+def worker_log(message: str) -> None:
+    """A progress line from inside a Ray Train worker; Ray forwards the worker's stderr to the driver's."""
+    # Not print(): Ray Train patches it in its workers to also emit through logging, which shows each line twice.
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
 
 
 def mean_over_workers(metrics: dict[str, float]) -> dict[str, float]:

@@ -62,6 +62,5 @@ def build_selector(
         return NormSelector()
     if cfg.method == "cls_attention":
         return ClsAttentionSelector()
-    if cfg.method == "diversity":
-        return DiversitySelector()
-    raise ConfigError(f"selector.method: unknown method {cfg.method!r}")
+    assert cfg.method == "diversity", cfg.method  # SelectorConfig checks the method against its choices
+    return DiversitySelector()

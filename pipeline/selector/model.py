@@ -34,8 +34,6 @@ class Block(nn.Module):
 
     def __init__(self, cfg: SelectorModelConfig) -> None:
         super().__init__()
-        if cfg.width % cfg.num_heads:
-            raise ValueError(f"model.width={cfg.width} must be divisible by model.num_heads={cfg.num_heads}")
         self.num_heads = cfg.num_heads
         self.dropout = cfg.dropout
         hidden = int(cfg.width * cfg.mlp_ratio)

@@ -12,7 +12,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from pipeline.config import ConfigError, SelectorConfig
+from pipeline.config import SelectorConfig
 
 
 class TokenSelector(Protocol):
@@ -52,10 +52,8 @@ def select_tokens(scores: Tensor, mask: Tensor, cfg: SelectorConfig) -> Tensor:
     """
     if cfg.method == "none":
         return mask.clone()
-    if cfg.mode == "ratio" and not 0 < cfg.ratio <= 1:
-        raise ConfigError(f"selector.ratio: got {cfg.ratio}, expected a number in (0, 1]")
     valid = mask.sum(1)
-    floor = valid.clamp(max=max(cfg.min_tokens, 0))
+    floor = valid.clamp(max=cfg.min_tokens)
     ranks = score_ranks(scores, mask)
     if cfg.mode == "threshold":
         # The top-`floor` tokens are kept anyway; when enough pass the threshold they are among them.
@@ -64,7 +62,7 @@ def select_tokens(scores: Tensor, mask: Tensor, cfg: SelectorConfig) -> Tensor:
         # The small epsilon keeps ratio·n that is an integer in exact arithmetic from rounding up a token.
         count = torch.ceil(valid.double() * cfg.ratio - 1e-9).long()
     else:
-        count = torch.full_like(valid, max(cfg.budget, 0))
+        count = torch.full_like(valid, cfg.budget)
     count = torch.maximum(count, floor).minimum(valid)
     return mask & (ranks < count[:, None])
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,22 +18,30 @@ FINAL_LR_FRACTION = 0.1
 
 @dataclass
 class TokenBatch:
-    tokens: Tensor  # [B, N, D], zeros at padding
+    """Token sets padded to a common length."""
+
+    tokens: Tensor  # [B, N, D] float32, zeros at padding
     mask: Tensor  # [B, N] bool, True = real token
+    cls_attention: Tensor | None = None  # [B, N], when the encoder supplies it
 
     def to(self, device: torch.device | str) -> TokenBatch:
-        return TokenBatch(self.tokens.to(device), self.mask.to(device))
+        attention = self.cls_attention.to(device) if self.cls_attention is not None else None
+        return TokenBatch(self.tokens.to(device), self.mask.to(device), attention)
 
 
-def pad_token_sets(token_sets: list[Tensor]) -> TokenBatch:
-    """Variable-length token sets ``[n_i, D]`` (anyres images differ in n) → one padded batch."""
+def pad_token_sets(token_sets: Sequence[Tensor], cls_attention: Sequence[Tensor] | None = None) -> TokenBatch:
+    """Variable-length token sets ``[n_i, D]`` (anyres images differ in n), and optionally each set's CLS
+    attention ``[n_i]``, -> one padded batch."""
     length = max(t.shape[0] for t in token_sets)
     tokens = torch.zeros(len(token_sets), length, token_sets[0].shape[1])
     mask = torch.zeros(len(token_sets), length, dtype=torch.bool)
+    attention = torch.zeros(len(token_sets), length) if cls_attention is not None else None
     for row, t in enumerate(token_sets):
         tokens[row, : t.shape[0]] = t
         mask[row, : t.shape[0]] = True
-    return TokenBatch(tokens, mask)
+        if attention is not None:
+            attention[row, : t.shape[0]] = cls_attention[row]
+    return TokenBatch(tokens, mask, attention)
 
 
 def sample_batches(token_sets: list[Tensor], batch_size: int, seed: int) -> Iterator[TokenBatch]:

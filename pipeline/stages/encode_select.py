@@ -1,146 +1,36 @@
-"""The compress stages. Each knows nothing of how it is run (Ray Data or the local executor).
+"""The encode + select stage: tiles -> the vision tower -> the selector -> each image's kept tokens.
 
-Rows flow between stages as flat dicts of plain values (bytes, ints, strings) so Ray can move them as Arrow:
-
-* :func:`decode_shard` turns one input shard into ``sample`` rows, ``quarantine`` rows and one closing ``end``
-  row that carries how many rows the shard produced. A sample row holds uint8 tiles (``pixels``) or, when
-  JPEGs are decoded on the GPU (``decode.device``), the JPEG's bytes (``image``);
-* :class:`EncodeSelectStage` (one per actor: loads the encoder and selector once) turns ``sample`` rows into
-  kept tokens; other rows pass through;
-* :class:`WriteStage` writes each shard's rows of a batch as one attempt-unique Parquet (or tar) part and
-  returns small records; the driver commits a shard once the records account for all of its rows.
+One stage per actor (or per local run): it loads the encoder and selector once, then overlaps staging,
+encoding and gathering across batches so the device always has work queued.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import itertools
-import json
 import logging
-import secrets
 import time
-from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import CompressConfig
-from pipeline.encoders import VisionEncoder, prepare_image
+from pipeline.encoders import VisionEncoder
 from pipeline.encoders.gpu_preprocess import prepare_images
 from pipeline.failpoints import maybe_fail
-from pipeline.output.commit import WrittenFile, sha256_hex
-from pipeline.output.format import (
-    encode_quarantine_table,
-    encode_sample_table,
-    samples_to_wds_tar,
-    wds_key_problem,
-)
 from pipeline.selector import TokenSelector, build_selector, select_tokens
-from pipeline.sources import Quarantined, ShardRef, iter_shard
-from pipeline.sources.decode import DecodeError, decode_image
-from pipeline.stages.gpu_decode import (
-    decode_jpegs,
-    gpu_decode_requested,
-    jpeg_size_for_gpu,
-    load_nvjpeg,
-)
+from pipeline.sources.decode import DecodeError
+from pipeline.stages.decode import decode_on_cpu
+from pipeline.stages.gpu_decode import decode_jpegs, gpu_decode_requested, load_nvjpeg
 from pipeline.stages.kept_tokens import KeptTokens, encode_tiles, gather_kept, per_image
-from pipeline.storage import filesystem_for
+from pipeline.stages.records import ENCODED_SCHEMA, QUARANTINE, SAMPLE, batches
 from pipeline.timeline import record
 
 log = logging.getLogger(__name__)
-
-DECODED_SCHEMA = pa.schema([
-    ("kind", pa.string()), ("shard_id", pa.string()), ("key", pa.string()),
-    ("width", pa.int32()), ("height", pa.int32()), ("pixels", pa.binary()), ("n_tiles", pa.int32()),
-    ("grid_rows", pa.int32()), ("grid_cols", pa.int32()), ("caption", pa.string()), ("json", pa.string()),
-    ("reason", pa.string()), ("total", pa.int64()), ("source_url", pa.string()), ("source_fingerprint", pa.string()),
-    ("image", pa.binary()),
-])
-ENCODED_SCHEMA = pa.schema(
-    [f for f in DECODED_SCHEMA if f.name not in ("pixels", "n_tiles", "image")]
-    + [pa.field("n_tokens", pa.int32()), pa.field("n_kept", pa.int32()), pa.field("tokens", pa.binary()),
-       pa.field("positions", pa.binary()), pa.field("scores", pa.binary())]
-)
-RECORD_SCHEMA = pa.schema([
-    ("kind", pa.string()), ("shard_id", pa.string()), ("path", pa.string()), ("rows", pa.int64()),
-    ("bytes", pa.int64()), ("sha256", pa.string()), ("tokens_full", pa.int64()), ("tokens_kept", pa.int64()),
-    ("kept_counts", pa.string()), ("total", pa.int64()), ("source_url", pa.string()),
-    ("source_fingerprint", pa.string()),
-])
-
-
-def _row(**values: Any) -> dict[str, Any]:
-    return {name: values.get(name) for name in DECODED_SCHEMA.names}
-
-
-def batch_to_rows(batch: pa.Table) -> list[dict[str, Any]]:
-    return batch.to_pylist()
-
-
-def rows_to_batch(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
-def decode_on_cpu(data: bytes | None, cfg: CompressConfig) -> dict[str, Any]:
-    """A sample row's image fields from its bytes: size, uint8 tiles, anyres grid. Raises DecodeError."""
-    prepared = prepare_image(decode_image(data, cfg.decode), cfg.encoder)
-    return {
-        "width": prepared.original_size[0], "height": prepared.original_size[1],
-        "pixels": np.ascontiguousarray(prepared.tiles).tobytes(), "n_tiles": prepared.tiles.shape[0],
-        "grid_rows": prepared.grid[0], "grid_cols": prepared.grid[1],
-    }
-
-
-def decode_shard(shard: ShardRef, cfg: CompressConfig) -> Iterator[dict[str, Any]]:
-    """CPU stage: read one input shard, decode and prepare each image; bad samples become quarantine rows.
-
-    When JPEGs are decoded on the GPU, those nvJPEG can take pass on as bytes, checked from their header only.
-    """
-    storage_options = cfg.storage.storage_options()
-    jpegs_to_gpu = gpu_decode_requested(cfg)
-    emitted = 0
-    for item in iter_shard(shard, cfg.input, storage_options):
-        emitted += 1
-        if isinstance(item, Quarantined):
-            yield _row(kind="quarantine", shard_id=shard.shard_id, key=item.key, reason=item.reason)
-            continue
-        problem = wds_key_problem(item.key) if cfg.output.format == "webdataset" else None
-        if problem:
-            yield _row(kind="quarantine", shard_id=shard.shard_id, key=item.key, reason=problem)
-            continue
-        sample = {"kind": "sample", "shard_id": shard.shard_id, "key": item.key,
-                  "caption": item.meta.get("caption"), "json": item.meta.get("json")}
-        size = jpeg_size_for_gpu(item.image, cfg.decode) if jpegs_to_gpu else None
-        if size is not None:
-            yield _row(**sample, width=size[0], height=size[1], image=item.image)
-            continue
-        try:
-            yield _row(**sample, **decode_on_cpu(item.image, cfg))
-        except DecodeError as exc:
-            yield _row(kind="quarantine", shard_id=shard.shard_id, key=item.key, reason=str(exc))
-    yield _row(kind="end", shard_id=shard.shard_id, total=emitted, source_url=shard.url,
-               source_fingerprint=shard.fingerprint)
-
-
-def batches(rows: Iterable[dict[str, Any]], batch_size: int) -> Iterator[list[dict[str, Any]]]:
-    """Consecutive rows, cut after every ``batch_size`` samples (other rows ride along)."""
-    batch: list[dict[str, Any]] = []
-    samples = 0
-    for row in rows:
-        batch.append(row)
-        samples += row["kind"] == "sample"
-        if samples == batch_size:
-            yield batch
-            batch, samples = [], 0
-    if batch:
-        yield batch
 
 
 @dataclass
@@ -215,7 +105,7 @@ class EncodeSelectStage:
         with the overlap of :meth:`encode_overlapped`."""
         if self._stage_pool is None:
             self._stage_pool = ThreadPoolExecutor(1, thread_name_prefix="stage")
-        micro_batches = batches(batch_to_rows(batch), self.cfg.encoder.batch_size)
+        micro_batches = batches(batch.to_pylist(), self.cfg.encoder.batch_size)
         tables = [self.encoded_table(staged, kept)
                   for staged, kept in self.encode_overlapped(micro_batches, self._stage_pool)]
         return pa.concat_tables(tables) if tables else ENCODED_SCHEMA.empty_table()
@@ -256,8 +146,8 @@ class EncodeSelectStage:
         """Everything up to the batch's uint8 tiles on the device; a sample no decoder can read is quarantined."""
         stream = self.staging_stream
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            decoded_tiles = self._decode_jpegs([r for r in rows if r["kind"] == "sample" and r["image"] is not None])
-            samples = [r for r in rows if r["kind"] == "sample"]
+            decoded_tiles = self._decode_jpegs([r for r in rows if r["kind"] == SAMPLE and r["image"] is not None])
+            samples = [r for r in rows if r["kind"] == SAMPLE]
             tiles = self._gather_tiles(samples, decoded_tiles)
         if stream is not None:
             stream.synchronize()
@@ -300,8 +190,8 @@ class EncodeSelectStage:
     def encoded_table(self, staged: StagedBatch, kept: KeptTokens | None) -> pa.Table:
         """The batch as ENCODED_SCHEMA rows: samples with their kept tokens (columns built on the host buffers,
         not copied), then the other rows. Host work only: any thread may do it."""
-        others = [row for row in staged.rows if row["kind"] != "sample"]
-        tables = [rows_to_batch(others, ENCODED_SCHEMA)]
+        others = [row for row in staged.rows if row["kind"] != SAMPLE]
+        tables = [pa.Table.from_pylist(others, schema=ENCODED_SCHEMA)]
         for images, token_columns in kept.arrow_columns() if kept is not None else ():
             samples = staged.samples[images]
             columns = {name: [row[name] for row in samples] for name in ENCODED_SCHEMA.names
@@ -342,7 +232,7 @@ class EncodeSelectStage:
             try:
                 row.update(decode_on_cpu(row["image"], self.cfg))
             except DecodeError as exc:
-                row.update(kind="quarantine", reason=str(exc))
+                row.update(kind=QUARANTINE, reason=str(exc))
         for row in rows:
             row["image"] = None
         return tiles
@@ -390,73 +280,3 @@ class EncodeSelectStage:
             torch.cuda.synchronize(self.device)
         log.info("encode stage warmed up in %.1f s (compile=%s)", time.perf_counter() - started,
                  self.cfg.encoder.compile)
-
-
-class WriteStage:
-    """Writes each shard's rows in a batch as one attempt-unique part; returns one record per part or shard end."""
-
-    def __init__(self, cfg: CompressConfig, output_dir: str, run_id: str, metadata: dict[str, Any]) -> None:
-        self.cfg = cfg
-        self.output_dir = output_dir
-        self.run_id = run_id
-        self.metadata = metadata
-        self.storage_options = cfg.storage.storage_options()
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        by_shard: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        records: list[dict[str, Any]] = []
-        for row in batch_to_rows(batch):
-            if row["kind"] == "end":
-                records.append({"kind": "end", "shard_id": row["shard_id"], "total": row["total"],
-                                "source_url": row["source_url"], "source_fingerprint": row["source_fingerprint"]})
-            else:
-                by_shard[row["shard_id"]].append(row)
-        for shard_id, rows in by_shard.items():
-            samples = [r for r in rows if r["kind"] == "sample"]
-            quarantined = [r for r in rows if r["kind"] == "quarantine"]
-            if samples:
-                written = self._write_samples(shard_id, samples)
-                records.append({
-                    "kind": "data", "shard_id": shard_id, **written.__dict__,
-                    "tokens_full": sum(r["n_tokens"] for r in samples),
-                    "tokens_kept": sum(r["n_kept"] for r in samples),
-                    "kept_counts": json.dumps([r["n_kept"] for r in samples]),
-                })
-            if quarantined:
-                written = self._write_file("quarantine", shard_id, "parquet", _parquet_bytes(
-                    encode_quarantine_table(quarantined)))
-                records.append({"kind": "quarantine", "shard_id": shard_id, **written.__dict__})
-        return rows_to_batch(records, RECORD_SCHEMA)
-
-    def _write_samples(self, shard_id: str, samples: list[dict[str, Any]]) -> WrittenFile:
-        if self.cfg.output.format == "webdataset":
-            return self._write_file("data", shard_id, "tar", samples_to_wds_tar(samples, self.metadata), rows=len(samples))
-        table = encode_sample_table(samples, self.metadata)
-        return self._write_file("data", shard_id, "parquet",
-                                _parquet_bytes(table, self.cfg.output.row_group_size), rows=len(samples))
-
-    def _write_file(self, folder: str, shard_id: str, extension: str, data: bytes, rows: int | None = None) -> WrittenFile:
-        relative = f"{folder}/{shard_id}.{self.run_id}-{secrets.token_hex(4)}.{extension}"
-        fs, root = filesystem_for(self.output_dir, self.storage_options)
-        fs.makedirs(f"{root}/{folder}", exist_ok=True)
-        fs.pipe_file(f"{root}/{relative}", data)
-        return WrittenFile(path=relative, rows=rows if rows is not None else _parquet_rows(data),
-                           bytes=len(data), sha256=sha256_hex(data))
-
-
-# Float16 features barely compress (zstd saves ~8%) yet cost readers 3-4x the CPU; they are stored raw.
-RAW_COLUMNS = frozenset({"tokens", "scores"})
-
-
-def _parquet_bytes(table: pa.Table, row_group_size: int = 1024) -> bytes:
-    buffer = io.BytesIO()
-    pq.write_table(
-        table, buffer, row_group_size=row_group_size,
-        compression={name: "none" if name in RAW_COLUMNS else "zstd" for name in table.column_names},
-        use_dictionary=[name for name in table.column_names if name not in RAW_COLUMNS],
-    )
-    return buffer.getvalue()
-
-
-def _parquet_rows(data: bytes) -> int:
-    return pq.ParquetFile(io.BytesIO(data)).metadata.num_rows

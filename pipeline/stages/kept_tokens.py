@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from pipeline.encoders import VisionEncoder
-from pipeline.output.format import TORCH_DTYPES, tokens_to_storage
+from pipeline.output.format import MAX_BINARY_BYTES, TORCH_DTYPES, binary_array, tokens_to_storage
 
 
 def encode_tiles(encoder: VisionEncoder, tiles: Tensor, *, with_cls_attention: bool) -> tuple[Tensor, Tensor | None]:
@@ -71,10 +71,6 @@ def _to_device(host: Tensor, device: torch.device) -> Tensor:
     return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
 
 
-# Arrow's binary arrays address their bytes with int32 offsets.
-MAX_BINARY_BYTES = 2**31 - 1
-
-
 @dataclass
 class KeptTokens:
     """A batch's kept tokens on the host: concatenated in image order, each image's in token order."""
@@ -98,20 +94,14 @@ class KeptTokens:
             tokens = slice(int(first), int(ends[stop - 1]))
             yield slice(start, stop), {
                 "n_kept": pa.array(counts, pa.int32()),
-                "tokens": _binary_array(self.token_bytes[tokens.start * self.bytes_per_token
+                "tokens": binary_array(self.token_bytes[tokens.start * self.bytes_per_token
                                                          : tokens.stop * self.bytes_per_token],
                                         counts * self.bytes_per_token),
-                "positions": _binary_array(self.positions[tokens].view(np.uint8), counts * 4),
+                "positions": binary_array(self.positions[tokens].view(np.uint8), counts * 4),
                 "scores": (pa.nulls(len(counts), pa.binary()) if self.scores is None
-                           else _binary_array(self.scores[tokens].view(np.uint8), counts * 2)),
+                           else binary_array(self.scores[tokens].view(np.uint8), counts * 2)),
             }
             start = stop
-
-
-def _binary_array(data: np.ndarray, lengths: np.ndarray) -> pa.Array:
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    return pa.BinaryArray.from_buffers(pa.binary(), len(lengths), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
 def gather_kept(tokens: Tensor, scores: Tensor, keep: Tensor, dtype: str, *, with_scores: bool) -> KeptTokens:

@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pipeline.config import RayConfig, StorageConfig, require
+from pipeline.config import Config, RayConfig, StorageConfig, require
 from pipeline.vlm.feed import DEFAULT_PROMPT, IMAGE_PLACEHOLDER
 
 
 @dataclass(kw_only=True)
-class VLMModelConfig:
+class VLMModelConfig(Config):
     """``name_or_path`` set: ``from_pretrained`` (model and tokenizer); null: a tiny random model built in code."""
+
+    SECTION = "model"
 
     name_or_path: str | None = None
     family: Literal["llava_next", "llava_onevision"] = "llava_next"
@@ -27,7 +29,7 @@ class VLMModelConfig:
     intermediate_size: int = 128
     seed: int = 0
 
-    def validate(self) -> None:
+    def check(self) -> None:
         require(self.prompt.count(IMAGE_PLACEHOLDER) == 1, "prompt",
                 f"must hold exactly one {IMAGE_PLACEHOLDER} placeholder, got {self.prompt!r}")
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
@@ -37,7 +39,9 @@ class VLMModelConfig:
 
 
 @dataclass(kw_only=True)
-class VLMTrainConfig:
+class VLMTrainConfig(Config):
+    SECTION = "train"
+
     steps: int = 200
     batch_size: int = 8
     # Set: batches hold at most this many kept tokens (packed, up to batch_size samples) instead of batch_size.
@@ -55,7 +59,7 @@ class VLMTrainConfig:
     log_every: int = 10
     seed: int = 0
 
-    def validate(self) -> None:
+    def check(self) -> None:
         for name in ("steps", "batch_size", "num_workers", "log_every"):
             require(getattr(self, name) >= 1, name, f"must be a positive integer, got {getattr(self, name)}")
         for name in ("warmup_steps", "loader_workers"):
@@ -66,7 +70,7 @@ class VLMTrainConfig:
 
 
 @dataclass(kw_only=True)
-class TrainVLMConfig:
+class TrainVLMConfig(Config):
     """Train a LLaVA-NeXT projector (optionally its language model) to caption images from pruned tokens."""
 
     input: str = "demo_output/compressed"  # a compress output dir ({output}/{encoder}/{cfg_hash}) or its manifest
@@ -76,6 +80,6 @@ class TrainVLMConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
-    def validate(self) -> None:
+    def check(self) -> None:
         require(bool(self.input), "input", "must name a compress output directory or its manifest.parquet")
         require(bool(self.output), "output", "must name an output folder")

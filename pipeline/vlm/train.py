@@ -1,6 +1,6 @@
 """Caption training of a LLaVA-NeXT projector on pruned tokens: model loading, the step loop, the checkpoint.
 
-The Ray Train wiring lives in ``jobs/train_vlm.py``; everything here runs in one process too (tests, notebooks).
+The Ray Train wiring lives in ``pipeline/ray_train/vlm.py``; everything here runs in one process too (tests, notebooks).
 
 Checkpoint (``{output}/checkpoint/``, local or ``s3://``)::
 

@@ -26,17 +26,12 @@ from typing import Any, Iterator
 from pipeline.compress.plan import RunPlan
 from pipeline.config import CompressConfig
 from pipeline.sources import ShardRef
-from pipeline.stages.encode_select import (
-    EncodeSelectStage,
-    Models,
-    StagedBatch,
-    WriteStage,
-    batch_to_rows,
-    batches,
-    decode_shard,
-)
+from pipeline.stages.decode import decode_shard
+from pipeline.stages.encode_select import EncodeSelectStage, Models, StagedBatch
 from pipeline.stages.gpu_decode import gpu_decode_requested
 from pipeline.stages.kept_tokens import KeptTokens
+from pipeline.stages.records import batches
+from pipeline.stages.write import WriteStage
 from pipeline.timeline import record
 
 ROW_CHUNK = 32
@@ -74,7 +69,7 @@ def decode_threads(jpegs_on_gpu: bool) -> int:
 def _write(write: WriteStage, encode: EncodeSelectStage, batch: StagedBatch,
            kept: KeptTokens | None) -> list[dict[str, Any]]:
     started = time.perf_counter()
-    records = batch_to_rows(write(encode.encoded_table(batch, kept)))
+    records = write(encode.encoded_table(batch, kept)).to_pylist()
     record("write", started, len(batch.samples))
     return records
 

@@ -19,8 +19,11 @@ import torch
 from pipeline.compress.plan import RunPlan
 from pipeline.config import CompressConfig
 from pipeline.output.format import STORAGE_NUMPY
+from pipeline.ray_train.cluster import init_ray
 from pipeline.sources import ShardRef
-from pipeline.stages.encode_select import EncodeSelectStage, WriteStage, batch_to_rows, decode_shard
+from pipeline.stages.decode import decode_shard
+from pipeline.stages.encode_select import EncodeSelectStage
+from pipeline.stages.write import WriteStage
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +31,6 @@ log = logging.getLogger(__name__)
 # task holds (reckoned as if every token were kept).
 WRITE_BATCH_ROWS = 512
 WRITE_BATCH_BYTES = 256 * 2**20
-
-
-def init_ray(cfg: CompressConfig) -> None:
-    if ray.is_initialized():
-        return
-    # Without an address, start a private in-process cluster rather than joining whatever runs on this host.
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, ignore_reinit_error=True, include_dashboard=False)
 
 
 def encoder_threads(cfg: CompressConfig, node_cpus: int) -> int | None:
@@ -101,7 +96,7 @@ def _write(batch: pa.Table, cfg: CompressConfig, output_dir: str, run_id: str,
 
 def run_ray(plan: RunPlan, metadata: dict[str, Any]) -> Iterator[dict[str, Any]]:
     cfg = plan.config
-    init_ray(cfg)
+    init_ray(cfg.ray.address)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.verbose_stats_logs = False
@@ -132,4 +127,4 @@ def run_ray(plan: RunPlan, metadata: dict[str, Any]) -> Iterator[dict[str, Any]]
         max_retries=cfg.ray.max_retries,
     )
     for batch in written.iter_batches(batch_size=None, batch_format="pyarrow"):
-        yield from batch_to_rows(batch)
+        yield from batch.to_pylist()

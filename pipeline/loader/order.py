@@ -1,0 +1,94 @@
+"""The order a worker reads a compress output in, and the count of what it delivered; pure functions of numbers.
+
+Each epoch the manifest's files are permuted with ``(seed, epoch)`` and concatenated; the ``N`` rows are cut into
+``world_size * num_workers`` contiguous, balanced ranges (sizes differ by at most one), one per global worker
+``rank * num_workers + worker_id``. A worker streams its range row group by row group through a bounded shuffle
+buffer seeded by ``(seed, epoch, global worker)``. The buffer runs on row *indices* first, so a worker's whole
+output order depends only on the manifest's row counts and those numbers.
+
+Ranks' shares differ by at most ``num_workers`` samples, so their batch counts may differ by one at the end of an
+epoch; DDP training should stop each epoch at the shortest rank's step count (or use ``join``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from pipeline.loader.reading import DataFile
+
+
+def split_range(total: int, parts: int, part: int) -> tuple[int, int]:
+    """Contiguous, balanced: part ``p`` of ``parts`` gets ``[p*total//parts, (p+1)*total//parts)``."""
+    return part * total // parts, (part + 1) * total // parts
+
+
+def file_order(n_files: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    if not shuffle:
+        return np.arange(n_files)
+    return np.random.default_rng([seed, epoch]).permutation(n_files)
+
+
+def shuffle_buffer_order(n: int, buffer_size: int, rng: np.random.Generator) -> np.ndarray:
+    """The order a bounded shuffle buffer emits stream indices ``0..n-1`` in.
+
+    Fill the buffer with the first ``buffer_size`` items; then each new item replaces a uniformly drawn buffered
+    one, which is emitted; at the end the rest leave in random order. The item emitted ``t``-th always has
+    stream index ``< t + buffer_size``, which bounds the rows a reader must hold.
+    """
+    size = min(buffer_size, n)
+    if size <= 1:
+        return np.arange(n)
+    buffer = list(range(size))
+    order = []
+    for incoming, slot in zip(range(size, n), rng.integers(0, size, n - size).tolist()):
+        order.append(buffer[slot])
+        buffer[slot] = incoming
+    order.extend(buffer[i] for i in rng.permutation(size).tolist())
+    return np.asarray(order, dtype=np.int64)
+
+
+def stream_pieces(files: Sequence[DataFile], order: np.ndarray, start: int, stop: int) -> list[tuple[int, int, int]]:
+    """``(file index, first row, end row)`` pieces covering rows ``[start, stop)`` of the files in ``order``."""
+    pieces, offset = [], 0
+    for index in order.tolist():
+        rows = files[index].rows
+        lo, hi = max(start, offset), min(stop, offset + rows)
+        if lo < hi:
+            pieces.append((index, lo - offset, hi - offset))
+        offset += rows
+    return pieces
+
+
+@dataclass
+class Progress:
+    """Samples of this epoch the training loop has received, per worker stream of this rank."""
+
+    sizes: list[int]
+    consumed: list[int]
+    next_worker: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.consumed == self.sizes
+
+    def record(self, count: int) -> None:
+        """Attribute a received batch to the stream DataLoader's round-robin says produced it."""
+        streams = len(self.sizes)
+        for _ in range(streams):
+            if self.consumed[self.next_worker] < self.sizes[self.next_worker]:
+                break
+            self.next_worker = (self.next_worker + 1) % streams
+        stream = self.next_worker
+        if self.consumed[stream] + count > self.sizes[stream]:
+            raise RuntimeError(
+                f"received {count} samples from worker stream {stream}, which had "
+                f"{self.sizes[stream] - self.consumed[stream]} left: the DataLoader did not deliver batches in "
+                "in-order round-robin (was in_order=False or the dataset wrapped?)"
+            )
+        self.consumed[stream] += count
+        self.next_worker = (stream + 1) % streams

@@ -1,0 +1,66 @@
+"""The layout's rules: Ray in three places only, the job runner only in jobs, jobs that only call the library."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RAY_MODULES = {"pipeline/compress/executors/ray_data.py", "pipeline/loader/ray_data.py"}
+RAY_PACKAGE = "pipeline/ray_train/"
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, at any depth (a lazy import inside a function counts too)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def library_files() -> list[Path]:
+    return sorted((REPO / "pipeline").rglob("*.py"))
+
+
+def relative(path: Path) -> str:
+    return path.relative_to(REPO).as_posix()
+
+
+def test_only_the_ray_executor_ray_train_and_the_loaders_ray_data_import_ray():
+    importers = {relative(p) for p in library_files()
+                 if any(m == "ray" or m.startswith("ray.") for m in imported_modules(p))}
+    assert {p for p in importers if not p.startswith(RAY_PACKAGE)} == RAY_MODULES
+    assert any(p.startswith(RAY_PACKAGE) for p in importers)
+
+
+def test_only_the_job_runner_is_imported_from_cli():
+    importers = {relative(p) for p in library_files() if "pipeline.cli" in imported_modules(p)}
+    assert importers == set()
+
+
+def test_jobs_parse_a_config_call_one_library_function_and_print_its_summary():
+    for job in sorted((REPO / "jobs").glob("*.py")):
+        if job.name == "__init__.py":
+            continue
+        source = job.read_text()
+        assert len(source.splitlines()) < 40, job.name
+        imports = [node for node in ast.walk(ast.parse(source)) if isinstance(node, (ast.Import, ast.ImportFrom))]
+        from_library = [(node.module, [a.name for a in node.names]) for node in imports
+                        if isinstance(node, ast.ImportFrom) and node.module.startswith("pipeline")]
+        assert ("pipeline.cli", ["run_job"]) in from_library, job.name
+        entries = [names for module, names in from_library if module != "pipeline.cli"]
+        assert len(entries) == 1 and len(entries[0]) == 1, (job.name, from_library)
+        assert all(isinstance(node, ast.ImportFrom) and node.module.startswith("pipeline") for node in imports), job.name
+
+
+def test_encoders_selector_and_output_format_load_without_ray_or_the_job_runner():
+    probe = ("import sys; import pipeline.encoders, pipeline.selector, pipeline.output.format, "
+             "pipeline.output.manifest, pipeline.loader; "
+             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.') or m == 'pipeline.cli'))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
