@@ -14,7 +14,7 @@ Per encoder, one synthetic corpus (16 images per shard). In each round, back to 
   N-image run is reported beside it.
 
 The selector is the learned one (a random-init checkpoint at ``SelectorModelConfig``'s defaults, keeping the top
-half), as ``conf/compress.yaml`` runs; ``--selector norm`` uses the training-free norm baseline instead.
+half), as the packaged ``compress.yaml`` runs; ``--selector norm`` uses the training-free norm baseline instead.
 Ray runs on an in-process cluster started once (a cluster is already up when a job is submitted).
 Rates are medians over rounds and each ratio the median of its per-round ratios, so one round hit by another
 job's burst does not decide the figure. On a shared host, wall time measures the share of

@@ -7,7 +7,7 @@ step's summary and ends with one JSON line pointing at every output.
 """
 
 from pipeline.cli import run_job
-from pipeline.demo import run_demo
 
 if __name__ == "__main__":
-    run_job(run_demo, prog="demo")
+    # Named, not imported: --help and config errors are answered before the library (and torch) loads.
+    run_job("pipeline.demo:run_demo", "pipeline.demo:DemoConfig", prog="demo", description=__doc__)

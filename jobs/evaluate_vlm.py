@@ -7,7 +7,7 @@ appended to ``{output}/results-*.jsonl`` as they come, so a rerun resumes; ``rep
 """
 
 from pipeline.cli import run_job
-from pipeline.evaluation.vlm_runner import evaluate_vlm
 
 if __name__ == "__main__":
-    run_job(evaluate_vlm, prog="evaluate_vlm")
+    # Named, not imported: --help and config errors are answered before the library (and torch) loads.
+    run_job("pipeline.evaluation.vlm_runner:evaluate_vlm", "pipeline.evaluation.config:EvaluateVLMConfig", prog="evaluate_vlm", description=__doc__)

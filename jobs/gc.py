@@ -4,7 +4,7 @@
 """
 
 from pipeline.cli import run_job
-from pipeline.output.gc import run_gc
 
 if __name__ == "__main__":
-    run_job(run_gc, prog="gc")
+    # Named, not imported: --help and config errors are answered before the library (and torch) loads.
+    run_job("pipeline.output.gc:run_gc", "pipeline.output.gc:GcConfig", prog="gc", description=__doc__)

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,7 +25,8 @@ from typing import Any, ClassVar, Literal, TypeVar
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# Presets and job configs ship inside the package, so an installed wheel finds them from any directory.
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 SCHEMA_VERSION = 1
 
 
@@ -40,6 +42,12 @@ def require(condition: bool, key: str, allowed: str) -> None:
     """For :meth:`Config.check`: reject a value, naming the key (relative to its config) and what is allowed."""
     if not condition:
         raise ConfigError(f"{key}: {allowed}")
+
+
+def names_a_bucket(url: str) -> bool:
+    """False for a bare ``s3://`` (or ``gs://``, ...): a scheme with no bucket would mean the whole store."""
+    _, sep, rest = url.partition("://")
+    return not sep or bool(rest.strip("/"))
 
 
 def _names_choices(tp: Any) -> bool:
@@ -92,32 +100,52 @@ class EncoderConfig(Config):
 
     SECTION = "encoder"
 
+    # The preset's name; part of the output path {output.path}/{name}/{cfg_hash}.
     name: str = "tiny"
+    # The tower architecture.
     family: Literal["clip", "siglip"] = "clip"
+    # A hub model id or local folder for from_pretrained; null: a seeded random init.
     pretrained: str | None = None
+    # Load pretrained from the local hub cache only (no network).
     local_files_only: bool = False
+    # The model's square input side in pixels.
     image_size: int = 224
+    # Pixels per patch side; tokens per tile = (image_size // patch_size) ** 2.
     patch_size: int = 16
+    # Token width (the stored dim).
     hidden_size: int = 192
+    # Transformer layers (random init only; pretrained towers bring their own).
     num_layers: int = 6
+    # Attention heads (random init only).
     num_heads: int = 3
+    # MLP width (random init only).
     intermediate_size: int = 768
+    # The hidden state whose tokens are kept (LLaVA: -2, the penultimate layer).
     select_layer: int = -2
     # CLIP drops its CLS token from the features (LLaVA's "patch" strategy); SigLIP has none.
     select_feature: Literal["patch", "cls_patch"] = "patch"
     # How a non-square image becomes the model's square input: CLIP's processor resizes the short side and
     # centre-crops; SigLIP's resizes both sides; "pad" letterboxes with the mean colour (LLaVA's "pad").
     resize_mode: Literal["shortest_edge_crop", "squash", "pad"] = "shortest_edge_crop"
+    # Per-channel normalisation mean (RGB).
     image_mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    # Per-channel normalisation std (RGB).
     image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    # LLaVA-NeXT anyres: a base tile plus a grid of tiles picked from image_grid_pinpoints.
     anyres: bool = False
+    # anyres grids as [height, width] in pixels.
     image_grid_pinpoints: list[list[int]] = field(
         default_factory=lambda: [[448, 448], [224, 448], [448, 224], [672, 224], [224, 672]]
     )
+    # Compute dtype on the device; auto: bfloat16 on GPU, float32 on CPU.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # auto, cpu, cuda or cuda:N.
     device: str = "auto"
+    # Seed of the random init.
     seed: int = 0
+    # Images (tiles) per encoder forward pass.
     batch_size: int = 32
+    # torch.compile the tower.
     compile: bool = False
 
     def check(self) -> None:
@@ -153,8 +181,11 @@ class StorageConfig(Config):
 
     SECTION = "storage"
 
+    # S3-compatible endpoint (MinIO, Ceph, a VPC endpoint); null: AWS's.
     endpoint_url: str | None = None
+    # S3 region; null: from the environment.
     region: str | None = None
+    # Unsigned requests, for public buckets.
     anon: bool = False
 
     def storage_options(self) -> dict[str, Any]:
@@ -169,14 +200,33 @@ class StorageConfig(Config):
         return options
 
 
+# Up to the URL's last "@": a password pasted unescaped may hold "/" or "@" (a path's "@" is redacted too).
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)\S*@")
+
+
+def redact_credentials(value: Any) -> Any:
+    """``value`` (a config as :func:`to_dict` gives it) with the userinfo of every URL in it replaced by
+    ``***``: ``storage.endpoint_url=https://key:secret@minio:9000`` is printed and stored without the secret."""
+    if isinstance(value, dict):
+        return {k: redact_credentials(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_credentials(v) for v in value)
+    return _URL_USERINFO.sub(r"\1***@", value) if isinstance(value, str) else value
+
+
 @dataclass(kw_only=True)
 class InputConfig(Config):
+    """The image corpus to read."""
+
     SECTION = "input"
 
+    # A file, glob, {a,b} / {000..009} brace pattern or folder; local or s3://.
     path: str = "demo_output/corpus/train"
+    # Shard format; auto: from the file extension.
     format: Literal["auto", "webdataset", "parquet", "folder"] = "auto"
     # The image member's extension (WebDataset) or column (Parquet); unset: jpg, jpeg, png, webp / jpg, image, ...
     image_column: str | None = None
+    # Parquet inputs: the column holding each sample's key.
     key_column: str = "key"
     # Folder inputs: how many images make one shard (the unit of work and of commit).
     folder_shard_size: int = 256
@@ -185,21 +235,31 @@ class InputConfig(Config):
 
     def check(self) -> None:
         require(bool(self.path), "path", "must name a file, glob, brace pattern or folder (local or s3://)")
+        require(names_a_bucket(self.path), "path", f"{self.path!r} names no bucket; give s3://BUCKET/PREFIX/...")
         require(self.folder_shard_size > 0, "folder_shard_size", "must be a positive integer")
         require(self.max_member_bytes > 0, "max_member_bytes", "must be a positive integer")
 
 
 @dataclass(kw_only=True)
 class DecodeConfig(Config):
+    """Image decoding and its bounds."""
+
     SECTION = "decode"
 
+    # Images above this many pixels are quarantined (decompression-bomb bound).
     max_pixels: int = 50_000_000
+    # Encoded images above this size are quarantined unread.
     max_bytes: int = 64 * 1024 * 1024
+    # Images longer than this many times their width (or wider than their height) are quarantined from the
+    # header, "extreme aspect ratio": a 1x60000 strip holds no picture, and preparing it can cost gigabytes.
+    max_aspect_ratio: float = 10_000.0
+    # Where JPEGs are decoded; auto: the GPU when the encoder runs on one.
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def check(self) -> None:
         require(self.max_pixels > 0, "max_pixels", "must be a positive integer")
         require(self.max_bytes > 0, "max_bytes", "must be a positive integer")
+        require(self.max_aspect_ratio >= 1, "max_aspect_ratio", f"must be >= 1, got {self.max_aspect_ratio}")
 
 
 @dataclass(kw_only=True)
@@ -212,14 +272,23 @@ class SelectorConfig(Config):
 
     SECTION = "selector"
 
+    # learned: the trained selector; none keeps every token; the rest are training-free baselines.
     method: Literal["learned", "none", "random", "uniform", "norm", "cls_attention", "diversity"] = "learned"
+    # The trained selector (a checkpoint folder or file; local or s3://); needed by method=learned.
     checkpoint: str | None = None
+    # threshold: keep tokens whose keep probability >= threshold; ratio: a fixed fraction; budget: a fixed count.
     mode: Literal["threshold", "ratio", "budget"] = "threshold"
+    # Keep probability a token needs in mode=threshold.
     threshold: float = 0.5
+    # Fraction of tokens kept in mode=ratio.
     ratio: float = 0.5
+    # Tokens kept per image in mode=budget.
     budget: int = 64
+    # Never keep fewer tokens than this per image.
     min_tokens: int = 1
+    # Seed of the random baseline.
     seed: int = 0
+    # Also store each kept token's score.
     store_scores: bool = False
 
     def check(self) -> None:
@@ -256,36 +325,58 @@ class SelectorModelConfig(Config):
 
 @dataclass(kw_only=True)
 class OutputConfig(Config):
+    """Where and how the kept tokens are written."""
+
     SECTION = "output"
 
+    # Output root (local or s3://); the run writes under {path}/{encoder}/{cfg_hash}/.
     path: str = "demo_output/compressed"
+    # Shard format of the kept tokens.
     format: Literal["parquet", "webdataset"] = "parquet"
+    # Storage dtype of the kept tokens.
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    # Parquet rows per row group.
     row_group_size: int = 256
 
     def check(self) -> None:
         require(bool(self.path), "path", "must name an output folder (local or s3://)")
+        require(names_a_bucket(self.path), "path", f"{self.path!r} names no bucket; give s3://BUCKET/PREFIX")
         require(self.row_group_size > 0, "row_group_size", "must be a positive integer")
 
 
 @dataclass(kw_only=True)
 class RayConfig(Config):
+    """The Ray cluster and the resources of each actor, task and retry."""
+
     SECTION = "ray"
 
+    # Ray cluster to join; null: RAY_ADDRESS, else a private in-process cluster.
     address: str | None = None
+    # Encode actors kept alive at the least.
     num_actors_min: int = 1
+    # Encode actors at the most (the pool autoscales in between).
     num_actors_max: int = 1
+    # GPUs per encode actor (0: encode on CPU).
     num_gpus_per_actor: float = 0.0
+    # CPUs reserved per encode actor.
     num_cpus_per_actor: float = 1.0
+    # CPUs per decode task.
     decode_num_cpus: float = 1.0
+    # Restarts of a failed encode actor.
     max_restarts: int = 2
+    # Retries of a call on a restarted actor.
     max_task_retries: int = 2
+    # Retries of a failed decode or write task.
     max_retries: int = 2
     # Encoder batches per actor call: the actor stages the next while the GPU encodes one. None: 4 on GPU
     # actors, 1 on CPU ones (where there is nothing to overlap with).
     batches_per_call: int | None = None
+    # Before any work is submitted, how long to wait for nodes that can hold one actor or worker to join (an
+    # autoscaling cluster starting them); a private in-process cluster cannot grow and is not waited for.
+    resource_wait_s: float = 600.0
 
     def check(self) -> None:
+        require(self.resource_wait_s >= 0, "resource_wait_s", f"must be >= 0, got {self.resource_wait_s}")
         require(self.batches_per_call is None or self.batches_per_call >= 1, "batches_per_call",
                 "must be >= 1, or null for 4 on GPU actors and 1 on CPU ones")
         require(1 <= self.num_actors_min <= self.num_actors_max, "num_actors_min",
@@ -330,8 +421,17 @@ class TrainConfig(Config):
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 0
-    # Images encoded and cached per run (split over the workers); None: every image of the input.
+    # Where token sets come from: "images" decodes and encodes input.path's image shards on the fly with the
+    # frozen encoder; "features" reads a compress output of full tokens (jobs.compress selector.method=none)
+    # at input.path, so one encode serves many trainings. Both stream: memory does not grow with the corpus.
+    source: Literal["images", "features"] = "images"
+    # A sample of about this many images of the whole corpus, the same every epoch (images: each shard's first
+    # images, its share of max_images; features: a seeded keep decision per row); None: every image.
     max_images: int | None = None
+    # Samples a worker's bounded shuffle window holds (images: undecoded image bytes; features: stored rows).
+    shuffle_buffer: int = 256
+    # images: threads decoding and resizing images; features: DataLoader processes reading rows. 0: inline.
+    loader_workers: int = 0
 
     def check(self) -> None:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "num_workers"):
@@ -348,6 +448,10 @@ class TrainConfig(Config):
                 f"must be null or in (0, 1], got {self.target_keep_rate}")
         require(self.relative_error_floor is None or self.relative_error_floor > 0, "relative_error_floor",
                 f"must be null or positive, got {self.relative_error_floor}")
+        require(self.max_images is None or self.max_images > 0, "max_images",
+                f"must be null or a positive integer, got {self.max_images}")
+        require(self.shuffle_buffer > 0, "shuffle_buffer", f"must be a positive integer, got {self.shuffle_buffer}")
+        require(self.loader_workers >= 0, "loader_workers", f"must be >= 0, got {self.loader_workers}")
         require(self.cpus_per_worker is None or self.cpus_per_worker > 0, "cpus_per_worker",
                 f"must be null or positive, got {self.cpus_per_worker}")
 
@@ -384,8 +488,11 @@ class CompressConfig(Config):
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    # ray: Ray Data over the cluster; local: the same stages in this process.
     executor: Literal["ray", "local"] = "ray"
+    # List the shards still to do, write nothing.
     dry_run: bool = False
+    # Seconds between progress lines.
     progress_interval_s: float = 10.0
 
 
@@ -493,9 +600,26 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise ConfigError(f"{prefix}{message}") from None
 
 
+def config_file(name: str) -> Path:
+    """``--config NAME``: the file as given when it exists, else the packaged one, so ``conf/compress.yaml``
+    (or ``compress.yaml``, or ``compress``) works from any directory."""
+    given = Path(name)
+    if given.exists() or given.is_absolute():
+        return given
+    relative = Path(*given.parts[1:]) if given.parts[:1] == ("conf",) else given
+    for candidate in (CONF_DIR / relative, CONF_DIR / relative.with_suffix(".yaml")):
+        if candidate.is_file():
+            return candidate
+    return given
+
+
+def config_names() -> list[str]:
+    return sorted(p.name for p in CONF_DIR.glob("*.yaml"))
+
+
 def _load_yaml(path: Path) -> dict[str, Any]:
     if not path.exists():
-        raise ConfigError(f"--config: file {path} does not exist")
+        raise ConfigError(f"--config: file {path} does not exist; packaged configs: {', '.join(config_names())}")
     try:
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except OmegaConfBaseException as exc:
@@ -552,13 +676,40 @@ def _merge(base: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
     return base
 
 
+def _path_section(tp: Any) -> type | None:
+    """The dataclass a field of type ``tp`` holds when that dataclass has a ``path`` field, else None."""
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    for option in options:
+        if dataclasses.is_dataclass(option) and "path" in {f.name for f in dataclasses.fields(option)}:
+            return option
+    return None
+
+
+def _expand_shorthands(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``input=URL`` means ``input.path=URL`` wherever ``input`` is a section with a ``path`` field."""
+    if not dataclasses.is_dataclass(cls):
+        return data
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if key not in hints or key in PRESET_SECTIONS:
+            continue
+        section = _path_section(hints[key]) if isinstance(value, str) else None
+        if section is not None:
+            data[key] = {"path": value}
+        elif isinstance(value, dict):
+            nested = next((a for a in (hints[key], *typing.get_args(hints[key])) if dataclasses.is_dataclass(a)), None)
+            if nested is not None:
+                _expand_shorthands(nested, value)
+    return data
+
+
 def load_config(cls: type[T], config_path: str | None = None, overrides: list[str] | None = None) -> T:
     """Defaults ← YAML file ← ``key=value`` overrides, validated into ``cls``."""
     data: dict[str, Any] = {}
     if config_path:
-        data = _resolve_presets(_load_yaml(Path(config_path)))
+        data = _expand_shorthands(cls, _resolve_presets(_load_yaml(config_file(config_path))))
     for layer in _parse_dotlist(overrides or []):
-        data = _merge(data, layer)
+        data = _merge(data, _expand_shorthands(cls, layer))
     return _build(cls, data)
 
 

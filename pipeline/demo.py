@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pipeline.config import Config, JobError, require
+from pipeline.config import CONF_DIR, Config, JobError, require
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +50,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     out = cfg.output.rstrip("/")
     corpus = run_step("make_corpus", f"output={out}/corpus", f"n={cfg.n}")
     steps = [f"train.steps={cfg.train_steps}"] if cfg.train_steps else []
-    trained = run_step("train_selector", "--config", "conf/train_selector.yaml", f"input.path={out}/corpus/train",
-                       f"output={out}/selector", *steps)
-    compressed = run_step("compress", "--config", "conf/compress.yaml", f"input.path={out}/corpus/train",
+    trained = run_step("train_selector", "--config", str(CONF_DIR / "train_selector.yaml"),
+                       f"input.path={out}/corpus/train", f"output={out}/selector", *steps)
+    compressed = run_step("compress", "--config", str(CONF_DIR / "compress.yaml"), f"input.path={out}/corpus/train",
                           f"output.path={out}/compressed", f"selector.checkpoint={trained['checkpoint']}",
                           f"executor={cfg.executor}")
-    evaluated = run_step("evaluate", "--config", "conf/evaluate.yaml", f"input.path={out}/corpus/heldout",
-                         f"probe.train_input.path={out}/corpus/train", f"selector.checkpoint={trained['checkpoint']}",
+    evaluated = run_step("evaluate", "--config", str(CONF_DIR / "evaluate.yaml"),
+                         f"input.path={out}/corpus/heldout", f"probe.train_input.path={out}/corpus/train", f"selector.checkpoint={trained['checkpoint']}",
                          f"output={out}/evaluation")
     log.info(f"[demo] corpus:     {out}/corpus")
     log.info(f"[demo] selector:   {trained['checkpoint']}")

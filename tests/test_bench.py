@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from bench import all as bench_all
-from bench import common, pipeline, scaling, selector_overhead, storage
+from bench import common, pipeline, scaling, selector_overhead, selector_training, storage
 from pipeline.config import SelectorModelConfig
 
 
@@ -97,3 +97,12 @@ def test_summary_has_every_headline_and_judges_its_target():
     assert summary["targets_met"] == {"pipeline_vs_encoder": True, "selector_flops_ratio_vitl336": True,
                                       "storage_vs_kept": False, "loader_vs_pyarrow": False, "rss_4x_vs_1x": True}
     assert set(bench_all.HEADLINES) <= set(summary)
+
+
+def test_selector_training_bench_trains_an_epoch_from_each_source(tmp_path, one_thread):
+    corpus = common.synthetic_corpus(tmp_path / "corpus", 8, shard_size=4)
+    features = selector_training.full_tokens(corpus, tmp_path / "features", "tiny")
+    for source, path in (("images", str(corpus)), ("features", features), ("cached", str(corpus))):
+        case = selector_training.child(source, path, "tiny", 8)
+        assert (case["steps"], case["token_sets"]) == (1, 8), source
+        assert case["peak_rss_mib"] >= case["baseline_rss_mib"] > 0 and case["token_sets_per_s"] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import shutil
@@ -10,6 +11,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -357,3 +359,106 @@ def test_a_job_prints_the_library_progress_lines_on_stderr_and_its_summary_last(
     assert any(line.startswith("[compress] output ") and "| to do 4 |" in line for line in lines)
     assert any(line.startswith("[compress] shards 4/4 | images 16 ") for line in lines)
     assert summary_of(proc)["status"] == "ok" and summary_of(proc)["shards_processed"] == 4
+
+
+# ------------------------------------------------------------------------------------------------ hostile input
+
+
+def _tar_of(members: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _encoded(size: tuple[int, int], fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(sum(size)).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+        buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def hostile_inputs(tmp_path_factory) -> dict[str, tuple[Path, dict[str, str]]]:
+    """Three corpora (one input format each) holding every case of the hostile-input table beside good samples:
+    {name: (input folder, {key: "ok" or the start of its quarantine reason})}."""
+    from test_sources import FOLDER_REASONS, hostile_folder
+
+    root = tmp_path_factory.mktemp("hostile")
+    good = _encoded((64, 48), "JPEG")
+    tars = root / "tars"
+    tars.mkdir()
+    (tars / "hostile.tar").write_bytes(_tar_of([
+        ("good.jpg", good), ("good.txt", b"a fine picture"),
+        ("strip60000.png", _encoded((1, 60000), "PNG")),  # its shortest-edge resize would take 40 GB
+        ("strip3000.png", _encoded((1, 3000), "PNG")),
+        *((f"{ext}pic.{ext}", _encoded((40, 30), fmt)) for ext, fmt in
+          (("gif", "GIF"), ("bmp", "BMP"), ("tiff", "TIFF"), ("webp", "WEBP"))),
+        ("noext_member.", good),
+        ("../escape/evil.jpg", good),
+        ("good2.png", _encoded((50, 50), "PNG")),
+    ]))
+    small = _tar_of([("one.jpg", good), ("two.jpg", good)])
+    (tars / "gzipped-but-named.tar").write_bytes(gzip.compress(small))
+    (tars / "x.tar.gz").write_bytes(gzip.compress(small))
+    (tars / "y.tgz").write_bytes(gzip.compress(_tar_of([("three.jpg", good)])))
+    cut = _tar_of([("four.jpg", good), ("five.jpg", good), ("six.jpg", good)])
+    (tars / "truncated.tar").write_bytes(cut[: len(cut) // 2])  # a "*" record: how many it hides is unknown
+    tar_expected = {key: "ok" for key in ("good", "strip3000", "gifpic", "bmppic", "tiffpic", "webppic", "good2",
+                                          "one", "two", "three", "four")}
+    tar_expected |= {"strip60000": "extreme aspect ratio:", "noext_member": "missing image member: no jpg/",
+                     "../escape/evil": "invalid key: '../escape/evil' is not a relative name",
+                     "*": "truncated tar after member 'four.jpg'"}
+    parquet = root / "parquet"
+    parquet.mkdir()
+    pq.write_table(pa.table({"key": list("abcdef"), "jpg": ["not bytes"] * 6}), parquet / "strings.parquet")
+    pq.write_table(pa.table({"key": ["p1", "p2"], "jpg": [good, good]}), parquet / "good.parquet")
+    parquet_expected = {"p1": "ok", "p2": "ok", "*": "missing image column: jpg has type string"}
+    hostile_folder(root / "folder")
+    return {"tars": (tars, tar_expected), "parquet": (parquet, parquet_expected),
+            "folder": (root / "folder", dict(FOLDER_REASONS))}
+
+
+# Every sample of each corpus as the summary counts them: the tars' 10 members, 2 + 2 + 1 in the compressed
+# ones and the truncated tar's first sample plus one for its damaged rest (how many it hid is unknowable); the
+# Parquet files' 2 good rows and the 6 of the string column; the folder's 10 entries.
+INPUT_SAMPLES = {"tars": 17, "parquet": 8, "folder": 10}
+
+
+def _outcome(summary: dict) -> dict[str, str]:
+    out = Path(summary["output"])
+    result = {r["key"]: "ok" for r in stored_rows(str(out))}
+    for marker in (out / "_committed").glob("*.json"):
+        for f in json.loads(marker.read_text())["quarantine_files"]:
+            result |= {r["key"]: r["reason"] for r in pq.read_table(out / f["path"]).to_pylist()}
+    return result
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_hostile_inputs_are_quarantined_one_by_one_and_the_job_goes_on(hostile_inputs, tmp_path, executor, request):
+    if executor == "ray":
+        request.getfixturevalue("ray_cluster")
+    for name, (inputs, expected) in hostile_inputs.items():
+        summary = run_compress(config(inputs, tmp_path / name, f"executor={executor}"))
+        result = _outcome(summary)
+        assert sorted(result) == sorted(expected), name
+        for key, reason in expected.items():
+            assert result[key].startswith(reason), (name, key, result[key])
+        assert summary["images"] == len(stored_rows(summary["output"])), name
+        assert summary["shards_processed"] == summary["shards_total"], name
+        assert summary["input_samples"] == INPUT_SAMPLES[name] == summary["images"] + summary["quarantined"], name
+
+
+def test_hostile_tar_keys_give_the_same_rows_for_both_output_formats(hostile_inputs, tmp_path):
+    inputs, _ = hostile_inputs["tars"]
+    parquet = run_compress(config(inputs, tmp_path / "parquet"))
+    webdataset = run_compress(config(inputs, tmp_path / "wds", "output.format=webdataset"))
+    keys = []
+    for data_file in sorted((Path(webdataset["output"]) / "data").glob("*.tar")):
+        keys += [decode_wds_sample(s)["key"] for s in wds.WebDataset(str(data_file), shardshuffle=False)]
+    assert sorted(keys) == sorted(r["key"] for r in stored_rows(parquet["output"]))
+    for field in ("images", "quarantined", "input_samples"):
+        assert parquet[field] == webdataset[field]

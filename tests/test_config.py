@@ -200,3 +200,30 @@ def test_evaluations_refuse_a_missing_checkpoint_before_loading_anything():
     evaluate_vlm_without_learned = EvaluateVLMConfig(benchmark="/nonexistent.jsonl", methods=["none", "random"])
     with pytest.raises(ConfigError, match="benchmark"):  # no checkpoint needed: it gets as far as the benchmark
         evaluate_vlm(evaluate_vlm_without_learned)
+
+
+def test_input_and_output_urls_are_shorthands_for_their_path_where_the_section_has_one():
+    cfg = load_config(CompressConfig, None, ["input=s3://b/in/{000..009}.tar", "input.format=webdataset",
+                                             "output=s3://b/out", "output.dtype=float32"])
+    assert (cfg.input.path, cfg.input.format) == ("s3://b/in/{000..009}.tar", "webdataset")
+    assert (cfg.output.path, cfg.output.dtype) == ("s3://b/out", "float32")
+    train = load_config(TrainSelectorConfig, None, ["input=/data/train", "output=/runs/sel"])
+    assert (train.input.path, train.output) == ("/data/train", "/runs/sel")  # output is a plain path here
+    evaluate = load_config(EvaluateConfig, None, ["probe.train_input=/data/train"])
+    assert evaluate.probe.train_input.path == "/data/train"
+    with pytest.raises(ConfigError, match="encoder: unknown preset"):
+        load_config(CompressConfig, None, ["encoder=s3://not-a-preset"])
+
+
+@pytest.mark.parametrize("key", ["input.path", "output.path", "input", "output"])
+def test_a_bare_scheme_names_no_bucket(key):
+    with pytest.raises(ConfigError, match=r"path: 's3://' names no bucket"):
+        load_config(CompressConfig, None, [f"{key}=s3://"])
+
+
+def test_config_files_resolve_against_the_packaged_conf_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("conf/compress.yaml", "compress.yaml", "compress"):
+        assert load_config(CompressConfig, name, []).executor == "ray"
+    (tmp_path / "compress.yaml").write_text("executor: local\n")  # a file here wins over the packaged one
+    assert load_config(CompressConfig, "compress.yaml", []).executor == "local"

@@ -1,17 +1,23 @@
 import io
 import random
 import struct
+import tarfile
 import zlib
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageFilter, ImageOps
 
-from pipeline.config import DecodeConfig
+from pipeline.config import CompressConfig, DecodeConfig, load_config
+from pipeline.encoders import geometry
+from pipeline.encoders.geometry import preparation_pixels, prepare_image
+from pipeline.sources import list_shards
 from pipeline.sources.decode import DecodeError, decode_image
+from pipeline.stages.decode import decode_on_cpu, decode_shard, size_problem
 
 CFG = DecodeConfig()
-REASON_PREFIXES = ("empty:", "too large:", "not an image:", "too many pixels:", "truncated:", "corrupt:")
+REASON_PREFIXES = ("empty:", "too large:", "not an image:", "too many pixels:", "extreme aspect ratio:", "truncated:",
+                   "out of memory:", "corrupt:")
 
 
 def encode(image: Image.Image, fmt: str, **params) -> bytes:
@@ -145,6 +151,82 @@ def test_pixel_bound_is_checked_before_decoding(monkeypatch):
     assert Image.MAX_IMAGE_PIXELS == limit_before
 
 
+def test_extreme_aspect_ratio_is_rejected_from_the_header(monkeypatch):
+    loads = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(1))
+    assert reason_of(png_header_only(1, 60000)) == (
+        "extreme aspect ratio: 1x60000 is over decode.max_aspect_ratio=10000"
+    )
+    assert reason_of(png_header_only(600, 2), DecodeConfig(max_aspect_ratio=100)).startswith("extreme aspect ratio:")
+    with pytest.raises(DecodeError, match="^the caller's reason$"):
+        decode_image(png_header_only(40, 30), CFG, lambda size: "the caller's reason" if size == (40, 30) else None)
+    assert loads == []
+
+
+# ------------------------------------------------------------------------------------------------ the decode stage
+
+
+def stage_config(*overrides: str) -> CompressConfig:
+    return load_config(CompressConfig, None, ["input.path=unused", "output.path=unused", "executor=local",
+                                              "decode.device=cpu", *overrides])
+
+
+def test_a_1x3000_strip_is_kept_and_prepared_from_its_crop_window():
+    cfg = stage_config("encoder.image_size=336", "encoder.patch_size=14")
+    # The full shortest-edge resize would be 336x1008000 pixels (1 GB); only the crop window is resampled.
+    assert preparation_pixels((1, 3000), cfg.encoder) == 336 * 336
+    row = decode_on_cpu(encode(Image.new("RGB", (1, 3000), (10, 120, 250)), "PNG"), cfg)
+    tile = np.frombuffer(row["pixels"], np.uint8).reshape(336, 336, 3)
+    assert (row["width"], row["height"]) == (1, 3000) and np.abs(tile.astype(int) - (10, 120, 250)).max() <= 1
+
+
+def test_the_crop_window_resize_stays_close_to_resize_then_crop(monkeypatch):
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (900, 40, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(2))
+    cfg = stage_config("encoder.image_size=32", "encoder.patch_size=16").encoder
+    exact = prepare_image(image, cfg).tiles.astype(int)
+    monkeypatch.setattr(geometry, "EXACT_RESIZE_MAX_PIXELS", 100)
+    windowed = prepare_image(image, cfg).tiles.astype(int)
+    assert np.abs(exact - windowed).mean() < 1.0
+
+
+def test_pad_mode_bounds_its_square_canvas_from_the_header():
+    cfg = stage_config("encoder.resize_mode=pad", "decode.max_pixels=1000000")
+    assert size_problem((1000, 1000), cfg) is None
+    assert size_problem((20, 2000), cfg).startswith(
+        "extreme aspect ratio: preparing 20x2000 for encoder.resize_mode=pad takes 4050176 pixels > 2000000")
+
+
+def test_one_sample_failing_to_prepare_is_quarantined_and_the_shard_goes_on(tmp_path, monkeypatch):
+    sizes = {"oom": (17, 5), "bug": (19, 5)}
+    members = [(f"{key}.png", encode(Image.new("RGB", sizes.get(key, (16, 5))), "PNG"))
+               for key in ("a", "oom", "b", "bug", "c")]
+    shard_path = tmp_path / "s.tar"
+    with tarfile.open(shard_path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    real_prepare = prepare_image
+
+    def prepare(image, encoder_cfg):
+        if image.size == sizes["oom"]:
+            raise MemoryError("simulated")
+        if image.size == sizes["bug"]:
+            raise RuntimeError("a library bug")
+        return real_prepare(image, encoder_cfg)
+
+    monkeypatch.setattr("pipeline.stages.decode.prepare_image", prepare)
+    cfg = stage_config(f"input.path={shard_path}")
+    [shard] = list_shards(cfg.input, {})
+    rows = list(decode_shard(shard, cfg))
+    assert [(r["kind"], r["key"]) for r in rows[:-1]] == [
+        ("sample", "a"), ("quarantine", "oom"), ("sample", "b"), ("quarantine", "bug"), ("sample", "c")]
+    assert rows[1]["reason"] == "out of memory: preparing a 17x5 image: simulated"
+    assert rows[3]["reason"] == "corrupt: preparing the image failed: RuntimeError: a library bug"
+    assert (rows[-1]["kind"], rows[-1]["total"], rows[-1]["samples"]) == ("end", 5, 5)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::PIL.Image.DecompressionBombWarning")
 def test_fuzzed_bytes_end_as_image_or_decode_error():
     rng = random.Random(1234)
@@ -179,3 +261,23 @@ def test_fuzzed_bytes_end_as_image_or_decode_error():
             assert image.mode == "RGB" and image.width * image.height <= cfg.max_pixels
             outcomes["image"] += 1
     assert outcomes["image"] > 20 and outcomes["error"] > 100  # the fuzz reached both outcomes
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_fuzzed_image_sizes_are_bounded_from_the_header(monkeypatch):
+    """Headers claiming any size, extreme aspect ratios included, end as an image or a reason, never as an
+    allocation: the stage's size check runs before a pixel is decoded."""
+    loads = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self.size))
+    rng = random.Random(19)
+    cfg = stage_config("decode.max_pixels=1000000")
+    reasons = set()
+    for _ in range(300):
+        width, height = (rng.choice([1, 2, 3, rng.randrange(1, 70000)]) for _ in range(2))
+        try:
+            decode_image(png_header_only(width, height), cfg.decode, lambda size: size_problem(size, cfg))
+        except DecodeError as exc:
+            assert exc.reason.startswith(REASON_PREFIXES), exc.reason
+            reasons.add(exc.reason.split(":")[0])
+    assert {"too many pixels", "extreme aspect ratio"} <= reasons
+    assert all(w * h <= cfg.decode.max_pixels and max(w, h) <= 10_000 * min(w, h) for w, h in loads)

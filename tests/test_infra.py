@@ -17,13 +17,15 @@ import jsonschema
 import pytest
 import yaml
 
-from pipeline.config import CompressConfig, load_config, preset_names
+from pipeline.config import CONF_DIR, CompressConfig, config_file, load_config, preset_names
 
 REPO = Path(__file__).resolve().parent.parent
 INFRA = REPO / "infra"
 KUBERAY = INFRA / "kuberay"
 RAYJOB_FILE = KUBERAY / "rayjob-compress.yaml"
 CRONJOB_FILE = KUBERAY / "cronjob-nightly.yaml"
+SERVICE_ACCOUNT_FILE = KUBERAY / "serviceaccount.yaml"
+IAM = INFRA / "iam"
 CLUSTER_FILE = INFRA / "ray-cluster.yaml"
 RUNBOOK = REPO / "docs" / "operations.md"
 DOCKERFILES = [INFRA / "Dockerfile", INFRA / "Dockerfile.cpu"]
@@ -224,7 +226,7 @@ def test_yaml_parses_into_mappings(path):
 
 def test_kubernetes_manifests_hold_the_expected_kinds():
     kinds = sorted(doc["kind"] for _, doc in kubernetes_docs())
-    assert kinds == ["CronJob", "RayJob", "Role", "RoleBinding", "ServiceAccount"]
+    assert kinds == ["CronJob", "RayJob", "Role", "RoleBinding", "ServiceAccount", "ServiceAccount"]
 
 
 @pytest.mark.parametrize("path,doc", kubernetes_docs(), ids=lambda v: v.get("kind") if isinstance(v, dict) else v.name)
@@ -297,14 +299,21 @@ def test_rayjob_has_an_autoscaling_gpu_worker_group():
                 resources["limits"]["nvidia.com/gpu"]
 
 
-def test_rayjob_reads_aws_credentials_from_a_secret_on_every_ray_pod():
+def test_rayjob_pods_use_the_service_account_for_irsa_and_the_key_secret_only_if_it_exists():
     cluster = single(RAYJOB_FILE, "RayJob")["spec"]["rayClusterSpec"]
+    account = single(SERVICE_ACCOUNT_FILE, "ServiceAccount")
+    assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     for group in groups:
-        for container in group["template"]["spec"]["containers"]:
+        pod = group["template"]["spec"]
+        assert pod["serviceAccountName"] == account["metadata"]["name"]
+        for container in pod["containers"]:
             env = {e["name"]: e for e in container.get("env", [])}
-            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-                assert "secretKeyRef" in env[name]["valueFrom"], f"{container['name']}: {name} not from a Secret"
+            for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+                ref = env[name]["valueFrom"]["secretKeyRef"]
+                assert ref["optional"] is True, f"{container['name']}: {name} makes the Secret required"
+    runbook = RUNBOOK.read_text()
+    assert "IRSA" in runbook and "Pod Identity" in runbook and "serviceaccount.yaml" in runbook
 
 
 # --------------------------------------------------------------------------------------------- entrypoints
@@ -356,10 +365,10 @@ def test_infra_jobs_exist(job):
 
 def test_rayjob_entrypoint_config_and_overrides_are_valid():
     job, config, overrides = parse_entrypoint(rayjob_entrypoint())
-    assert config is not None and config.startswith(IMAGE_ROOT + "/"), "use an absolute path inside the image"
-    if not in_repo(config).exists() or not preset_names("encoder"):
-        pytest.skip(f"{in_repo(config).relative_to(REPO)} or the conf/encoder presets are not written yet")
-    cfg = load_config(JOB_CONFIGS[job], str(in_repo(config)), overrides)
+    # A packaged config: found in the installed wheel whatever the driver's working directory.
+    assert config is not None and not config.startswith("/") and config_file(config).parent == CONF_DIR
+    assert preset_names("encoder")
+    cfg = load_config(JOB_CONFIGS[job], config, overrides)
     assert cfg.input.path.startswith("s3://") and cfg.output.path.startswith("s3://")
     assert cfg.executor == "ray" and cfg.ray.num_gpus_per_actor > 0
 
@@ -411,6 +420,41 @@ def test_ray_cluster_config_is_accepted_by_rays_schema():
         assert key in cluster, f"{CLUSTER_FILE.name} lacks {key}"
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
     jsonschema.validate(cluster, schema)
+
+
+def iam_policy(name: str) -> list[dict]:
+    return json.loads((IAM / f"{name}-policy.json").read_text())["Statement"]
+
+
+def test_every_ray_cluster_node_has_an_instance_profile_with_a_policy_in_the_repo():
+    cluster = load_docs(CLUSTER_FILE)[0]
+    for name, node_type in cluster["available_node_types"].items():
+        arn = node_type["node_config"]["IamInstanceProfile"]["Arn"]
+        profile = arn.rsplit("/", 1)[1]
+        assert (IAM / f"{profile}-policy.json").exists(), f"{name}: no infra/iam/{profile}-policy.json"
+    head = cluster["available_node_types"][cluster["head_node_type"]]
+    assert head["node_config"]["IamInstanceProfile"]["Arn"].endswith("/atr-head")
+    # The head logs Docker in to ECR with its own role (initialization_commands).
+    assert any("ecr get-login-password" in c for c in cluster["initialization_commands"])
+
+
+@pytest.mark.parametrize("role", ["atr-head", "atr-worker"])
+def test_iam_policies_grant_least_privilege_s3_and_ecr_read(role):
+    statements = iam_policy(role)
+    actions = [a for s in statements for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])]
+    assert not [a for a in actions if a in ("*", "s3:*", "ecr:*", "iam:*") or a.endswith(":*")]
+    assert {"ecr:GetAuthorizationToken", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"} <= set(actions)
+    for statement in statements:
+        resources = [statement["Resource"]] if isinstance(statement["Resource"], str) else statement["Resource"]
+        if any(a.startswith("s3:") for a in ([statement["Action"]] if isinstance(statement["Action"], str)
+                                             else statement["Action"])):
+            assert all(r.startswith("arn:aws:s3:::") and r != "arn:aws:s3:::*" for r in resources), statement
+            assert all("*" not in r.split(":::", 1)[1].split("/", 1)[0] for r in resources), "name the buckets"
+    writes = [s for s in statements if "s3:PutObject" in s["Action"]]
+    assert writes and all("/atr/compressed/" in r or "/atr/selector/" in r for s in writes for r in s["Resource"])
+    if role == "atr-head":
+        (pass_role,) = [s for s in statements if "iam:PassRole" in s["Action"]]
+        assert pass_role["Resource"] == "arn:aws:iam::123456789012:role/atr-worker"
 
 
 def test_ray_cluster_has_autoscaling_gpu_workers():
@@ -471,8 +515,20 @@ def test_dockerfile_copies_only_files_that_exist(dockerfile):
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_copies_what_the_install_needs(dockerfile):
     sources = {s.rstrip("/") for s in copy_sources(dockerfile.read_text())}
-    # pyproject's readme and package list; conf/ for the presets next to the editable install.
-    assert {"pyproject.toml", "README.md", "pipeline", "jobs", "bench", "conf"} <= sources
+    # pyproject's readme and package list; the presets travel inside pipeline/ (package data).
+    assert {"pyproject.toml", "README.md", "constraints.txt", "pipeline", "jobs"} <= sources
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_installs_dependencies_with_constraints_before_copying_the_code(dockerfile):
+    """A code change then rebuilds only the last layers, and resolution follows constraints.txt (fast)."""
+    instructions = dockerfile_instructions(dockerfile.read_text())
+    code_at = next(i for i, (k, rest) in enumerate(instructions) if k == "COPY" and re.search(r"\bpipeline\b", rest))
+    deps = [i for i, (k, rest) in enumerate(instructions) if k == "RUN" and "-c constraints.txt" in rest]
+    assert deps and deps[0] < code_at, "dependencies must be installed, with -c constraints.txt, before COPY pipeline"
+    project = [rest for k, rest in instructions[code_at:] if k == "RUN" and re.search(r"pip install .*--no-deps", rest)]
+    assert project, "the project itself is installed after the code is copied, with --no-deps"
+    assert not any(re.search(r"pip install[^&]*\s-e\s", rest) for _, rest in instructions), "non-editable install"
 
 
 def test_cpu_dockerfile_installs_the_cpu_torch_wheel_before_the_project():
@@ -480,8 +536,28 @@ def test_cpu_dockerfile_installs_the_cpu_torch_wheel_before_the_project():
     assert instructions[0] == ("FROM", "python:3.11-slim")
     runs = [rest for keyword, rest in instructions if keyword == "RUN"]
     torch_at = next(i for i, r in enumerate(runs) if "download.pytorch.org/whl/cpu" in r)
-    project_at = next(i for i, r in enumerate(runs) if re.search(r"pip install (-e )?\"?\.", r))
+    project_at = next(i for i, r in enumerate(runs) if "-c constraints.txt" in r)
     assert torch_at < project_at
+
+
+# --------------------------------------------------------------------------------------------- versions
+
+
+def test_ray_has_an_upper_bound_the_installed_version_meets():
+    """Ray 2.64 removes ``**ray_remote_args``, through which Ray Data (2.60) still takes ``max_restarts``,
+    ``max_task_retries`` and ``max_retries``: the bound admits only releases tested here."""
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (ray_requirement,) = [Requirement(d) for d in dependencies if Requirement(d).name == "ray"]
+    assert any(spec.operator == "<" for spec in ray_requirement.specifier), ray_requirement
+    assert ray_requirement.specifier.contains(importlib.metadata.version("ray")), ray_requirement
+    # The KubeRay cluster runs the same Ray as the image.
+    ray_version = single(RAYJOB_FILE, "RayJob")["spec"]["rayClusterSpec"]["rayVersion"]
+    assert ray_requirement.specifier.contains(ray_version)
 
 
 # --------------------------------------------------------------------------------------------- credentials
@@ -596,6 +672,8 @@ def test_submit_local_cluster_builds_the_ray_job_submit_command(tmp_path, bin_di
 
 KUBECTL_FOR_SUBMIT = r"""
 case "$*" in
+  *"get serviceaccount atr-ray -o"*) printf '%s' "${FAKE_ROLE_ARN-arn:aws:iam::1:role/atr-worker}" ;;
+  *"get serviceaccount"*) [ -z "${FAKE_NO_SERVICE_ACCOUNT:-}" ] ;;
   *"get secret"*) [ -z "${FAKE_NO_SECRET:-}" ] ;;
   *"create -f infra/kuberay/rayjob-compress.yaml -o name"*) echo rayjob.ray.io/atr-compress-x7k2p ;;
   *"create configmap"*) echo "kind: ConfigMap" ;;
@@ -621,12 +699,23 @@ def test_submit_kuberay_nightly_installs_configmap_and_cronjob(tmp_path, bin_dir
     assert (tmp_path / "calls.log.stdin").read_text() == "kind: ConfigMap\n"
 
 
-def test_submit_kuberay_stops_without_the_credentials_secret(tmp_path, bin_dir):
+def test_submit_kuberay_stops_without_the_service_account(tmp_path, bin_dir):
     fake_command(bin_dir, "kubectl", KUBECTL_FOR_SUBMIT)
-    result, calls = run_script(tmp_path, [str(INFRA / "scripts" / "submit_kuberay.sh"), "once"], {"FAKE_NO_SECRET": "1"})
+    result, calls = run_script(tmp_path, [str(INFRA / "scripts" / "submit_kuberay.sh"), "once"],
+                               {"FAKE_NO_SERVICE_ACCOUNT": "1"})
     assert result.returncode == 2
-    assert "atr-aws-credentials" in result.stderr
+    assert "atr-ray" in result.stderr and "infra/kuberay/serviceaccount.yaml" in result.stderr
     assert not any("create" in c for c in calls)
+
+
+@pytest.mark.parametrize("role_arn", ["arn:aws:iam::1:role/atr-worker", ""])
+def test_submit_kuberay_needs_no_key_secret(tmp_path, bin_dir, role_arn):
+    fake_command(bin_dir, "kubectl", KUBECTL_FOR_SUBMIT)
+    result, calls = run_script(tmp_path, [str(INFRA / "scripts" / "submit_kuberay.sh"), "once"],
+                               {"FAKE_NO_SECRET": "1", "FAKE_ROLE_ARN": role_arn})
+    assert result.returncode == 0, result.stderr
+    assert ["create", "-f", "infra/kuberay/rayjob-compress.yaml", "-o", "name"] in calls
+    assert ("Pod Identity" in result.stderr) == (role_arn == "")  # neither Secret nor IRSA: say what is left
 
 
 KUBECTL_FOR_CRON = r"""

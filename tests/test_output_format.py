@@ -16,6 +16,7 @@ from pipeline.output.format import (
     decode_wds_sample,
     encode_quarantine_table,
     encode_sample_table,
+    key_problem,
     read_format_metadata,
     row_schema,
     samples_to_wds_tar,
@@ -129,7 +130,7 @@ def test_metadata_errors_are_clear():
 
 def test_quarantine_table_keeps_reasons():
     table = encode_quarantine_table([{"key": "a", "shard_id": "s", "reason": "truncated jpeg"}])
-    assert table.to_pylist() == [{"key": "a", "source_shard": "s", "reason": "truncated jpeg"}]
+    assert table.to_pylist() == [{"key": "a", "source_shard": "s", "reason": "truncated jpeg", "samples": 1}]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -150,7 +151,27 @@ def test_webdataset_output_round_trips_without_pickle(tmp_path, dtype):
         assert decoded["positions"].tolist() == positions[i].tolist()
         assert decoded["caption"] == f"c{i}" and decoded["grid"] == (1, 2) and decoded["side"] == 4
     with pytest.raises(ValueError, match="invalid key for webdataset output"):
-        samples_to_wds_tar([dict(rows[0], key="a.b")], meta)
+        samples_to_wds_tar([dict(rows[0], key="../a")], meta)
+
+
+def test_one_key_policy_accepts_what_every_output_format_can_store(tmp_path):
+    meta = fixture_meta(dim=4)
+    [row] = _stage_rows(meta, *_table(meta, n_rows=1)[1:])
+    assert samples_to_wds_tar([dict(row, key="sub/dog")], meta)
+    for i, key in enumerate(("good", "000123", "sub/dog", "v1.0/cat", "café", "photo.v2", "2023.01.05", "50%.off")):
+        assert key_problem(key) is None, key
+        part = tmp_path / f"{i}.tar"
+        part.write_bytes(samples_to_wds_tar([dict(row, key=key)], meta))
+        [back] = wds.WebDataset(str(part), shardshuffle=False).map(decode_wds_sample)
+        assert back["key"] == key
+    for key, reason in [
+        ("../escape/evil", "is not a relative name"), ("/abs/x", "is not a relative name"), ("a//b", "is not a"),
+        ("a/./b", "is not a relative name"), ("a\\b", "backslash or control"), ("a\nb", "backslash or control"),
+        ("", "empty"), ("bad\udcffname", "not UTF-8"),
+    ]:
+        assert reason in (key_problem(key) or ""), key
+        with pytest.raises(ValueError, match="invalid key for webdataset output"):
+            samples_to_wds_tar([dict(row, key=key)], meta)
 
 
 def test_read_manifest_lists_files_in_order_and_names_a_missing_manifest(tmp_path):

@@ -1,8 +1,14 @@
+import gzip
 import io
+import json
 import os
+import pwd
 import random
 import re
+import shutil
 import tarfile
+import tempfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -128,7 +134,7 @@ def test_missing_or_unusable_input_is_a_config_error(store):
     for path, message in [
         (f"{root}/nothing-here.tar", "does not exist"),
         (f"{root}/mixed/*.zip", "matches no files"),
-        (f"{root}/docs", "holds no .tar files, .parquet files, image files"),
+        (f"{root}/docs", "holds no .tar/.tar.gz/.tgz files, .parquet files, image files"),
         (f"{root}/mixed", "several input formats"),
     ]:
         with pytest.raises(ConfigError, match=rf"^input\.path: .*{message}"):
@@ -212,7 +218,7 @@ def test_bad_tar_members_are_quarantined_and_good_samples_kept(tmp_path):
     assert outcome(items) == {
         "good1": "ok",
         "empty": "empty: zero-byte member empty.jpg",
-        "textonly": "missing image member: found txt",
+        "textonly": "missing image member: no jpg/jpeg/png/webp/gif/bmp/tif/tiff among textonly.txt",
         "dup": "ok",
         "dup#2": "duplicate key",
         "good2": "ok",
@@ -347,6 +353,171 @@ def test_bad_folder_files_are_quarantined_and_good_files_kept(tmp_path):
     }
 
 
+# ------------------------------------------------------------------------------------------------ hostile input
+
+
+def gzipped(data: bytes) -> bytes:
+    return gzip.compress(data, mtime=0)
+
+
+def test_compressed_tars_are_listed_and_read(tmp_path):
+    """webdataset reads .tar.gz and .tgz; so do we, and a gzip tar misnamed .tar is read as well."""
+    tar = tar_bytes([("s.jpg", image_bytes()), ("s.txt", b"caption")])
+    put(str(tmp_path), {}, {"a.tar": tar, "b.tar.gz": gzipped(tar), "c.tgz": gzipped(tar), "d.tar": gzipped(tar)})
+    cfg = InputConfig(path=str(tmp_path))
+    shards = list_shards(cfg, {})
+    assert [s.shard_id for s in shards] == ["a", "b", "c", "d"]
+    for shard in shards:
+        [sample] = list(iter_shard(shard, cfg, {}))
+        assert isinstance(sample, RawSample) and sample.meta["caption"] == "caption", shard.shard_id
+    for cut in (gzipped(tar)[:-30], gzipped(tar)[:5]):  # cut in the deflate stream; in the gzip header
+        put(str(tmp_path / "cut"), {}, {"e.tar.gz": cut})
+        [damage] = samples_of(str(tmp_path / "cut" / "e.tar.gz"))
+        assert damage.key == REST_OF_SHARD and damage.samples is None, damage
+        assert re.match(r"(truncated|corrupt) tar (before|after)", damage.reason), damage.reason
+
+
+def test_every_reader_accepts_the_same_image_extensions(tmp_path):
+    formats = {"gif": "GIF", "bmp": "BMP", "tiff": "TIFF", "tif": "TIFF", "webp": "WEBP", "png": "PNG", "jpeg": "JPEG"}
+    files = {f"{ext}.{ext}": image_bytes(fmt=fmt) for ext, fmt in formats.items()}
+    put(str(tmp_path / "tar"), {}, {"s.tar": tar_bytes(list(files.items()))})
+    put(str(tmp_path / "folder"), {}, files)
+    for name in ("tar/s.tar", "folder"):
+        items = samples_of(str(tmp_path / name))
+        assert outcome(items) == {ext: "ok" for ext in formats}, name
+        for item in items:
+            assert decode_image(item.image, DecodeConfig()).size == (8, 6)
+    for column, fmt in (("gif", "GIF"), ("tiff", "TIFF"), ("bmp", "BMP")):
+        put(str(tmp_path / "pq"), {}, {f"{column}.parquet": parquet_bytes(pa.table({column: [image_bytes(fmt=fmt)]}))})
+        assert outcome(samples_of(str(tmp_path / "pq" / f"{column}.parquet"))) == {"row0": "ok"}
+
+
+def test_a_member_without_an_extension_is_named_in_its_reason(tmp_path):
+    put(str(tmp_path), {}, {"s.tar": tar_bytes([("good.jpg", image_bytes()), ("noext_member.", image_bytes())])})
+    result = outcome(samples_of(str(tmp_path / "s.tar")))
+    assert result["good"] == "ok"
+    assert result["noext_member"].startswith("missing image member: no jpg/") and "noext_member." in result["noext_member"]
+
+
+def test_a_string_image_column_is_one_record_counting_every_row(tmp_path):
+    put(str(tmp_path), {}, {"s.parquet": parquet_bytes(pa.table({"key": list("abcdef"), "jpg": ["x"] * 6}))})
+    [record] = samples_of(str(tmp_path / "s.parquet"))
+    assert record.key == REST_OF_SHARD and record.samples == 6
+    assert record.reason == "missing image column: jpg has type string, expected binary or struct<bytes> (6 rows)"
+
+
+def test_damaged_parquet_counts_the_rows_it_loses(tmp_path):
+    rows = pa.table({"key": [f"k{i}" for i in range(6)], "jpg": [image_bytes()] * 6})
+    data = parquet_bytes(rows, row_group_size=2)
+    meta = pq.ParquetFile(io.BytesIO(data)).metadata
+    start = meta.row_group(1).column(1).data_page_offset
+    damaged = data[:start] + random.Random(0).randbytes(200) + data[start + 200:]
+    put(str(tmp_path), {}, {"s.parquet": damaged})
+    items = samples_of(str(tmp_path / "s.parquet"))
+    assert [i.key for i in items[:-1]] == ["k0", "k1"]
+    assert items[-1].key == REST_OF_SHARD and items[-1].samples == 4, items[-1]
+
+
+def hostile_folder(root) -> None:
+    """Good images beside every kind of entry a folder reader must not open or must not stop on."""
+    root.mkdir(parents=True)
+    for name in ("a.jpg", "z.jpg", "sub/b.jpg", "locked/c.jpg"):
+        (root / name).parent.mkdir(exist_ok=True)
+        (root / name).write_bytes(image_bytes())
+    os.symlink("loop.jpg", root / "loop.jpg")  # stat fails with ELOOP
+    os.symlink("nowhere.jpg", root / "dangling.jpg")
+    os.mkfifo(root / "fifo.jpg")  # opening it would block until a writer came
+    os.symlink("..", root / "sub" / "up")  # a folder loop
+    os.symlink("a.jpg", root / "alias.jpg")  # a symlink to a regular file is read through
+    (root / os.fsdecode(b"bad\xffname.jpg")).write_bytes(image_bytes())
+
+
+FOLDER_REASONS = {
+    "a": "ok", "alias": "ok", "z": "ok", "sub/b": "ok", "locked/c": "ok",
+    "loop": "symlink loop: loop.jpg",
+    "dangling": "dangling symlink: dangling.jpg -> nowhere.jpg",
+    "fifo": "not a regular file: fifo.jpg is a FIFO; skipped unopened",
+    "sub/up": "symlink loop: sub/up -> .. leads back to '.'",
+    "bad\\xffname": "invalid key: not UTF-8 (file name 'bad\\\\xffname.jpg')",
+}
+
+
+def test_folder_entries_that_are_not_regular_files_are_quarantined_unopened(tmp_path):
+    root = tmp_path / "photos"
+    hostile_folder(root)
+    cfg = InputConfig(path=str(root))
+    [shard] = list_shards(cfg, {})
+    assert outcome(list(iter_shard(shard, cfg, {}))) == FOLDER_REASONS
+
+
+def test_a_file_replaced_by_a_fifo_after_listing_is_not_opened_blocking(tmp_path):
+    root = tmp_path / "photos"
+    put(str(root), {}, {"a.jpg": image_bytes(), "b.jpg": image_bytes()})
+    cfg = InputConfig(path=str(root))
+    [shard] = list_shards(cfg, {})
+    os.remove(root / "b.jpg")
+    os.mkfifo(root / "b.jpg")
+    assert outcome(list(iter_shard(shard, cfg, {}))) == {
+        "a": "ok", "b": "not a regular file: b.jpg is a FIFO; skipped unread"}
+
+
+def as_unprivileged_user(function):
+    """``function()``'s JSON result, computed in a forked child running as ``nobody`` when this runs as root
+    (root reads mode-000 files and lists mode-000 folders, so the case needs an ordinary user)."""
+    if os.geteuid() != 0:
+        return function()
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("running as root and no 'nobody' user to drop to: a mode-000 file is readable by root")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to nobody, compute, report, exit without running the parent's cleanup
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            with os.fdopen(write_end, "w") as out:
+                json.dump(function(), out)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as result:
+        text = result.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and text, "the unprivileged child failed"
+    return json.loads(text)
+
+
+def test_unreadable_files_and_folders_are_quarantined_as_an_ordinary_user(tmp_path):
+    root = Path(tempfile.mkdtemp(prefix="atr-perm-"))  # pytest's tmp_path is private to root
+    try:
+        os.chmod(root, 0o755)
+        put(str(root / "photos"), {}, {"a.jpg": image_bytes(), "secret.jpg": image_bytes(),
+                                       "private/b.jpg": image_bytes(), "open/c.jpg": image_bytes()})
+        for path in root.rglob("*"):
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        os.chmod(root / "photos" / "secret.jpg", 0)
+        os.chmod(root / "photos" / "private", 0)
+
+        def read() -> dict[str, str]:
+            cfg = InputConfig(path=str(root / "photos"))
+            items = [item for shard in list_shards(cfg, {}) for item in iter_shard(shard, cfg, {})]
+            assert [i.samples for i in items if isinstance(i, Quarantined)] == [None, 1]  # private/ hides its count
+            return outcome(items)
+
+        assert as_unprivileged_user(read) == {
+            "a": "ok", "open/c": "ok",
+            "private": "listing error: cannot list folder 'private': permission denied; its files are not read",
+            "secret": "permission denied: secret.jpg",
+        }
+    finally:
+        os.chmod(root / "photos" / "private", 0o755)
+        shutil.rmtree(root)
+
+
 # ------------------------------------------------------------------------------------------------ fuzz
 
 
@@ -385,6 +556,8 @@ def test_fuzzed_shards_end_as_samples_or_quarantine(tmp_path):
     cases = [("webdataset", mutate(rng, tar)) for _ in range(150)]
     cases += [("webdataset", tar[:1536] + random_header(rng) + rng.randbytes(rng.randrange(1500))) for _ in range(100)]
     cases += [("parquet", mutate(rng, parquet)) for _ in range(150)]
+    cases += [("webdataset", mutate(rng, gzipped(tar))) for _ in range(60)]  # compressed streams, damaged
+    cases += [("webdataset", gzipped(mutate(rng, tar))) for _ in range(40)]
     quarantined = 0
     for index, (fmt, data) in enumerate(cases):
         path = str(tmp_path / f"case{index}.{'tar' if fmt == 'webdataset' else 'parquet'}")
@@ -399,3 +572,35 @@ def test_fuzzed_shards_end_as_samples_or_quarantine(tmp_path):
             except DecodeError:
                 pass
     assert quarantined > 150
+
+
+FOLDER_REASON_PREFIXES = ("symlink loop:", "dangling symlink:", "not a regular file:", "duplicate folder:",
+                          "invalid key:", "duplicate key", "empty:", "missing image member:")
+
+
+def test_fuzzed_folders_end_as_samples_or_quarantine_without_opening_what_is_not_a_file(tmp_path):
+    """Random trees of files, symlinks (to files, folders, nowhere, themselves), FIFOs and folder loops: every
+    entry with an image name ends as a sample or a reason, and nothing blocks (a FIFO opened would)."""
+    rng = random.Random(1919)
+    for case in range(25):
+        root = tmp_path / f"case{case}"
+        (root / "d").mkdir(parents=True)
+        names = [f"{rng.choice(['', 'd/'])}e{i}.{rng.choice(['jpg', 'png', 'txt', 'gif'])}" for i in range(8)]
+        for name in names:
+            kind = rng.choice(["file", "file", "empty", "fifo", "link", "dirlink"])
+            path = root / name
+            if path.exists() or path.is_symlink():
+                continue
+            if kind in ("file", "empty"):
+                path.write_bytes(image_bytes() if kind == "file" else b"")
+            elif kind == "fifo":
+                os.mkfifo(path)
+            elif kind == "link":
+                os.symlink(rng.choice([*names, "missing.jpg", path.name]), path)
+            else:
+                os.symlink(rng.choice(["..", ".", "/nonexistent"]), path)
+        (root / "keep.jpg").write_bytes(image_bytes())
+        items = samples_of(str(root))
+        assert "keep" in outcome(items)
+        for item in items:
+            assert isinstance(item, RawSample) or item.reason.startswith(FOLDER_REASON_PREFIXES), item

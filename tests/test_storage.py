@@ -1,3 +1,4 @@
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -5,9 +6,12 @@ from fsspec.implementations.local import LocalFileSystem
 from job_runs import list_files
 
 from pipeline.storage import (
+    InputReadError,
     create_exclusive,
     filesystem_for,
     join_url,
+    object_fingerprint,
+    open_verified,
     read_bytes,
     url_for,
     write_bytes,
@@ -63,3 +67,20 @@ def test_filesystem_for_applies_options_to_remote_only(tmp_path, s3_bucket, s3_o
     fs, path = filesystem_for(f"s3://{s3_bucket}/k/f.bin", s3_options)
     assert path == f"{s3_bucket}/k/f.bin"
     assert url_for(fs, path) == f"s3://{s3_bucket}/k/f.bin"
+
+
+def test_open_verified_reads_what_was_listed_and_names_a_changed_object(root):
+    url, options = root
+    shard = join_url(url, "in", "a.tar")
+    write_bytes(shard, b"x" * 1000, options)
+    fs, path = filesystem_for(shard, options)
+    listed = fs.info(path)
+    with open_verified(shard, options, listed["size"], object_fingerprint(listed)) as f:
+        assert f.read(10) == b"x" * 10 and f.read() == b"x" * 990 and f.read() == b""
+    with pytest.raises(InputReadError, match="short read, 1000 of 1200 listed bytes"), \
+            open_verified(shard, options, 1200, object_fingerprint(listed)) as f:
+        f.read()
+    time.sleep(0.01)  # a new mtime for the local fingerprint
+    write_bytes(shard, b"y" * 1000, options)
+    with pytest.raises(InputReadError, match=f"{shard}: changed since it was listed"):
+        open_verified(shard, options, listed["size"], object_fingerprint(listed))

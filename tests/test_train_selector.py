@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import ray
 
 from pipeline.config import (
+    CONF_DIR,
     ConfigError,
     CorpusConfig,
     SelectorConfig,
@@ -16,15 +18,12 @@ from pipeline.config import (
     load_config,
 )
 from pipeline.corpus import write_corpus
-from pipeline.encoders import VisionEncoder
-from pipeline.ray_train.selector import encode_token_sets
+from pipeline.ray_train.selector import run_training
 from pipeline.ray_train.selector import train_selector as main
+from pipeline.ray_train.selector_data import open_stream
 from pipeline.selector import build_selector
-from pipeline.selector.model import SelectorAutoencoder
-from pipeline.selector.training import sample_batches, train_loop
 from pipeline.sources import list_shards
 
-REPO = Path(__file__).resolve().parent.parent
 SMALL = ["model.width=32", "encoder.batch_size=8", "train.batch_size=4", "train.warmup_steps=2",
          "train.selector_warmup_steps=4"]
 
@@ -37,19 +36,15 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def job_config(corpus: Path, output: Path, *overrides: str) -> TrainSelectorConfig:
-    return load_config(TrainSelectorConfig, str(REPO / "conf" / "train_selector.yaml"),
+    return load_config(TrainSelectorConfig, str(CONF_DIR / "train_selector.yaml"),
                        [f"input.path={corpus}", f"output={output}", *SMALL, *overrides])
 
 
 
-def test_training_on_the_corpus_lowers_the_loss_and_the_reconstruction_error(corpus, one_thread):
-    cfg = job_config(corpus, Path("unused"), "train.steps=40", "train.log_every=10")
-    encoder = VisionEncoder.from_config(cfg.encoder)
-    token_sets = encode_token_sets(list_shards(cfg.input, {}), cfg, encoder, limit=None)
-    assert len(token_sets) == 12 and token_sets[0].shape == (encoder.tokens_per_tile, encoder.hidden_size)
-    model = SelectorAutoencoder(encoder.hidden_size, cfg.model)
-    logged: list[dict[str, float]] = []
-    train_loop(model, sample_batches(token_sets, cfg.train.batch_size, seed=0), cfg.train, on_log=logged.append)
+def test_training_on_the_corpus_lowers_the_loss_and_the_reconstruction_error(corpus, tmp_path, one_thread):
+    cfg = job_config(corpus, tmp_path, "train.steps=40", "train.log_every=10", "train.checkpoint_every=40")
+    run_training(cfg, open_stream(cfg, rank=0, world_size=1, shards=list_shards(cfg.input, {})))
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["loss"] < 0.7 * logged[0]["loss"]
     assert logged[-1]["recon_error"] < 0.7 * logged[0]["recon_error"]
 
@@ -69,11 +64,11 @@ def metric_steps(output: Path) -> list[int]:
 def test_two_worker_ray_train_run_checkpoints_and_resumes(corpus, tmp_path, ray_cluster):
     output = tmp_path / "selector"
     settings = ["train.num_workers=2", "train.cpus_per_worker=1", "train.log_every=4", "train.checkpoint_every=8"]
-    summary = main(job_config(corpus, output, "train.steps=12", *settings))
-    assert summary["steps"] == 12 and summary["checkpoint"].endswith("checkpoints/step-00000012")
+    summary = main(job_config(corpus, output, "train.steps=16", *settings))
+    assert summary["steps"] == 16 and summary["checkpoint"].endswith("checkpoints/step-00000016")
     assert {"loss", "recon_error", "keep_rate", "wall_s"} <= set(summary)
-    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000008", "step-00000012"]
-    assert metric_steps(output) == [4, 8, 12]
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000008", "step-00000016"]
+    assert metric_steps(output) == [4, 8, 12, 16]
 
     # The pipeline loads it with the encoder it was trained on, and refuses any other encoder.
     encoder_fingerprint = summary["encoder_fingerprint"]
@@ -82,9 +77,12 @@ def test_two_worker_ray_train_run_checkpoints_and_resumes(corpus, tmp_path, ray_
     with pytest.raises(ConfigError, match="trained on encoder"):
         build_selector(SelectorConfig(method="learned", checkpoint=summary["checkpoint"]), "0" * 64)
 
-    # A longer run resumes from step 12; asking again for what is done trains nothing.
+    # Killed after step 8's checkpoint: the rerun resumes there, each worker with its RNG states and its stream's
+    # position, and ends with the uninterrupted run's weights, bit for bit. Asking again trains nothing.
+    shutil.rmtree(output / "checkpoints" / "step-00000016")
     resumed = main(job_config(corpus, output, "train.steps=16", *settings))
-    assert resumed["steps"] == 16 and metric_steps(output) == [4, 8, 12, 16]
+    assert resumed["selector_fingerprint"] == summary["selector_fingerprint"]
+    assert metric_steps(output) == [4, 8, 12, 16]
     again = main(job_config(corpus, output, "train.steps=16", *settings))
     assert again["checkpoint"] == resumed["checkpoint"]
 

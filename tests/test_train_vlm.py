@@ -148,7 +148,7 @@ def test_input_resolution_and_config_errors(pruned, tmp_path):
     write_pruned_output(tmp_path / "two", n=4, shards=1)
     with pytest.raises(ConfigError, match="several compress outputs"):
         resolve_input(str(tmp_path / "two"), {})
-    assert load_config(TrainVLMConfig, str(REPO / "conf" / "train_vlm.yaml")).train.language_model
+    assert load_config(TrainVLMConfig, "conf/train_vlm.yaml").train.language_model  # the packaged config
     with pytest.raises(ConfigError, match="model.prompt: must hold exactly one <image>"):
         load_config(TrainVLMConfig, None, ["model.prompt=no image here"])
     with pytest.raises(ConfigError, match="train.steps: must be a positive integer"):

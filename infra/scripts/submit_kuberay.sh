@@ -2,7 +2,9 @@
 # Submit jobs.compress to Kubernetes through KubeRay.
 #   infra/scripts/submit_kuberay.sh once      create one RayJob from infra/kuberay/rayjob-compress.yaml
 #   infra/scripts/submit_kuberay.sh nightly   install the nightly CronJob (and refresh its RayJob copy)
-# Environment: NAMESPACE (default: kubectl's current namespace). Needs the Secret atr-aws-credentials.
+# Environment: NAMESPACE (default: kubectl's current namespace). Needs S3 access for the Ray pods: the
+# ServiceAccount atr-ray with IRSA or EKS Pod Identity (infra/kuberay/serviceaccount.yaml), or the Secret
+# atr-aws-credentials.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -10,9 +12,13 @@ mode="${1:-}"
 kube=(kubectl)
 [[ -n "${NAMESPACE:-}" ]] && kube+=(--namespace "$NAMESPACE")
 
-if ! "${kube[@]}" get secret atr-aws-credentials >/dev/null 2>&1; then
-  echo "missing Secret atr-aws-credentials; create it as in docs/operations.md (Credentials)" >&2
+if ! "${kube[@]}" get serviceaccount atr-ray >/dev/null 2>&1; then
+  echo "missing ServiceAccount atr-ray: kubectl apply -f infra/kuberay/serviceaccount.yaml (docs/operations.md, Credentials)" >&2
   exit 2
+fi
+if ! "${kube[@]}" get secret atr-aws-credentials >/dev/null 2>&1 \
+   && [[ -z "$("${kube[@]}" get serviceaccount atr-ray -o 'jsonpath={.metadata.annotations.eks\.amazonaws\.com/role-arn}' 2>/dev/null)" ]]; then
+  echo "note: no Secret atr-aws-credentials and no IRSA role on atr-ray; S3 access must come from EKS Pod Identity" >&2
 fi
 
 case "$mode" in

@@ -2,10 +2,10 @@
 # Submit jobs.compress to a running Ray cluster: `ray up infra/ray-cluster.yaml` (with
 # `ray dashboard infra/ray-cluster.yaml` forwarding port 8265), or `ray start --head` on this machine.
 #   infra/scripts/submit_local_cluster.sh input.path=s3://bucket/corpus output.path=s3://bucket/tokens
-# Arguments are config overrides (key=value) for conf/compress.yaml. Environment:
+# Arguments are config overrides (key=value) for the packaged compress.yaml (pipeline/conf/). Environment:
 #   RAY_ADDRESS        dashboard address (default http://127.0.0.1:8265)
 #   ATR_SUBMISSION_ID  job id to use (default atr-compress-<UTC timestamp>); ids are unique per cluster
-#   ATR_CONFIG         config file, relative to the repository root (default conf/compress.yaml)
+#   ATR_CONFIG         config file, relative to the repository root, or a packaged config name (default conf/compress.yaml)
 # Exits 0 when the job succeeded, 1 when it failed; the job's last stdout line is its summary JSON.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

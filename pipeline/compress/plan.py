@@ -8,8 +8,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import SCHEMA_VERSION, CompressConfig, stable_hash, to_dict
-from pipeline.output.commit import CommittedShard, list_committed
+from pipeline.config import (
+    SCHEMA_VERSION,
+    CompressConfig,
+    redact_credentials,
+    stable_hash,
+    to_dict,
+)
+from pipeline.output.commit import IndexedMarker, by_source, load_markers
 from pipeline.sources import ShardRef, list_shards
 
 # Fields of EncoderConfig that change how images become tokens; batch size, device and compile do not.
@@ -56,7 +62,7 @@ class RunPlan:
     encoder_fingerprint: str
     selector_fingerprint: str
     shards: list[ShardRef]
-    committed: dict[str, CommittedShard]
+    committed: dict[str, IndexedMarker]  # by marker name: what load_markers found
     todo: list[ShardRef]
 
     @property
@@ -66,7 +72,7 @@ class RunPlan:
     def resolved_config(self) -> dict[str, Any]:
         return {
             "cfg_hash": self.cfg_hash,
-            "config": to_dict(self.config),
+            "config": redact_credentials(to_dict(self.config)),  # _config.json must not hold a secret
             "fingerprint": output_fingerprint_payload(self.config, self.encoder_fingerprint, self.selector_fingerprint),
         }
 
@@ -81,7 +87,8 @@ def plan_compress(cfg: CompressConfig, encoder_fingerprint: str, selector_finger
     cfg_hash = stable_hash(payload)
     output_dir = f"{cfg.output.path.rstrip('/')}/{encoder_dir_name(cfg)}/{cfg_hash}"
     shards = list_shards(cfg.input, storage_options)
-    committed = list_committed(output_dir, storage_options)
+    markers = load_markers(output_dir, storage_options)  # one listing, the index, and only new bodies
+    committed = by_source(markers)
     todo = [s for s in shards if (s.shard_id, s.fingerprint) not in committed]
     return RunPlan(
         config=dataclasses.replace(cfg),
@@ -91,6 +98,6 @@ def plan_compress(cfg: CompressConfig, encoder_fingerprint: str, selector_finger
         encoder_fingerprint=encoder_fingerprint,
         selector_fingerprint=selector_fingerprint,
         shards=shards,
-        committed={shard_id: c for (shard_id, _), c in committed.items()},
+        committed=markers,
         todo=todo,
     )

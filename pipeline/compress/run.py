@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import time
 from collections import Counter
 from typing import Any
@@ -16,12 +17,12 @@ from pipeline.compress.progress import ProgressReporter
 from pipeline.compress.shard_committer import ShardCommitter
 from pipeline.config import CompressConfig, JobError
 from pipeline.encoders import VisionEncoder
-from pipeline.output.commit import list_committed
+from pipeline.output.commit import by_source, load_markers, write_marker_index
 from pipeline.output.format import format_metadata
 from pipeline.output.manifest import current_shards, write_manifest
 from pipeline.stages.encode_select import Models
 from pipeline.stages.records import END
-from pipeline.storage import absolute_url, write_bytes
+from pipeline.storage import DiskFullError, InputReadError, absolute_url, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,21 @@ def with_absolute_paths(cfg: CompressConfig) -> CompressConfig:
     )
 
 
+def _root_cause(exc: BaseException) -> str:
+    """The one-line message of the storage error a worker raised, without the executor's wrapping (Ray
+    adds its task's traceback and its own hints)."""
+    for name in ("InputReadError", "DiskFullError"):
+        found = re.findall(rf"{name}: (.+)", str(exc))
+        if found:
+            return found[-1].strip()
+    return str(exc).strip().splitlines()[0]
+
+
+def _unfinished(committer: ShardCommitter, plan: RunPlan) -> str:
+    done = committer.totals.shards_processed + committer.totals.shards_lost_race
+    return f"{done} of {len(plan.todo)} shards committed this run, {len(plan.todo) - done} left unfinished; rerun"
+
+
 def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     started = time.monotonic()
     cfg = with_absolute_paths(cfg)
@@ -98,6 +114,7 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "output": plan.output_dir, "cfg_hash": plan.cfg_hash, "shards_total": len(plan.shards),
         "shards_processed": 0, "shards_skipped": plan.skipped, "shards_lost_race": 0, "images": 0, "quarantined": 0,
+        "input_samples": 0,
         "tokens_full": 0, "tokens_kept": 0, "bytes_written": 0,
     }
     if cfg.dry_run:
@@ -114,24 +131,34 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     committer = ShardCommitter(plan.output_dir, plan.run_id, storage_options)
     if plan.todo:
         progress = ProgressReporter(len(plan.todo), cfg.progress_interval_s)
-        for record in run_stages(plan, _file_metadata(plan, dim), models):
-            if committer.observe(record) is not None or record["kind"] == END:
-                progress.update(committer.totals)
+        try:
+            for record in run_stages(plan, _file_metadata(plan, dim), models):
+                if committer.observe(record) is not None or record["kind"] == END:
+                    progress.update(committer.totals)
+        except (InputReadError, DiskFullError) as exc:
+            raise JobError(f"{_root_cause(exc)} ({_unfinished(committer, plan)})") from None
         progress.update(committer.totals, force=True)
         if committer.unfinished():
             raise JobError(f"shards not fully written: {', '.join(committer.unfinished())}; rerun to finish them")
     fingerprints_now = {s.shard_id: s.fingerprint for s in plan.shards}
-    visible = current_shards(list_committed(plan.output_dir, storage_options), fingerprints_now)
+    # From the markers planning found plus the ones committed since (this run's, a concurrent run's): no
+    # marker is read twice across runs. `jobs.gc repair=true` rebuilds the index from every marker.
+    markers = load_markers(plan.output_dir, storage_options, known=plan.committed)
+    visible = current_shards(by_source(markers), fingerprints_now)
     write_manifest(plan.output_dir, visible, storage_options)
+    write_marker_index(plan.output_dir, markers, storage_options)
     totals = committer.totals
     wall_s = time.monotonic() - started
     summary.update(
         shards_processed=totals.shards_processed, shards_lost_race=totals.shards_lost_race, images=totals.images,
-        quarantined=totals.quarantined,
+        input_samples=totals.input_samples, quarantined=totals.quarantined,
         tokens_full=totals.tokens_full, tokens_kept=totals.tokens_kept, bytes_written=totals.bytes_written,
         kept_fraction=round(totals.tokens_kept / totals.tokens_full, 4) if totals.tokens_full else None,
         images_per_s=round(totals.images / wall_s, 2), wall_s=round(wall_s, 3),
     )
+    accounted = "=" if totals.input_samples == totals.images + totals.quarantined else "!="  # "!=" is a bug
+    log.info(f"[compress] input samples {totals.input_samples} {accounted} kept {totals.images} + quarantined "
+             f"{totals.quarantined}")
     if plan.todo:
         _write_stats(plan, visible, summary, storage_options)
     return summary

@@ -19,16 +19,18 @@ class _Pending:
     shard: CommittedShard
     kept: Counter = field(default_factory=Counter)
     end: dict[str, Any] | None = None
+    quarantine_rows: int = 0  # rows, for completeness; ``shard.quarantined`` counts the samples they stand for
 
     @property
     def complete(self) -> bool:
-        return self.end is not None and self.shard.rows + self.shard.quarantined == self.end["total"]
+        return self.end is not None and self.shard.rows + self.quarantine_rows == self.end["total"]
 
 
 @dataclass
 class RunTotals:
     shards_processed: int = 0
     shards_lost_race: int = 0
+    input_samples: int = 0  # what the decode stage read: images + quarantined, checked at the end of a run
     images: int = 0
     quarantined: int = 0
     tokens_full: int = 0
@@ -69,7 +71,8 @@ class ShardCommitter:
                 pending.kept.update(json.loads(record["kept_counts"]))
             else:
                 shard.quarantine_files.append(written)
-                shard.quarantined += written.rows
+                pending.quarantine_rows += written.rows
+                shard.quarantined += written.rows if record.get("samples") is None else int(record["samples"])
         return self._commit(record["shard_id"]) if pending.complete else None
 
     def _commit(self, shard_id: str) -> CommittedShard:
@@ -79,6 +82,8 @@ class ShardCommitter:
         if commit_shard(self.output_dir, shard, self.storage_options):
             totals = self.totals
             totals.shards_processed += 1
+            end_samples = pending.end.get("samples")
+            totals.input_samples += shard.rows + shard.quarantined if end_samples is None else int(end_samples)
             totals.images += shard.rows
             totals.quarantined += shard.quarantined
             totals.tokens_full += shard.tokens_full

@@ -23,6 +23,10 @@ from transformers.image_processing_utils import select_best_resolution
 from pipeline.config import ConfigError, EncoderConfig
 
 PLAIN_GRID = (0, 0)
+# A shortest-edge resize larger than this (an extreme aspect ratio: 1x3000 at 336 would be 336x1008000) only
+# resamples the window its centre crop keeps. Pillow's box resize is not bit-identical to resize-then-crop (a
+# few levels apart), so images under the bound keep the exact path of transformers' processors.
+EXACT_RESIZE_MAX_PIXELS = 16 * 2**20
 
 
 @dataclass
@@ -109,7 +113,11 @@ def _square_tile(image: Image.Image, cfg: EncoderConfig) -> Image.Image:
         return _resize(square, (target, target))
     resized = shortest_edge_size(image.size, target)
     left, top = centre_crop_offset(resized, target)
-    return _resize(image, resized).crop((left, top, left + target, top + target))
+    if resized[0] * resized[1] <= EXACT_RESIZE_MAX_PIXELS:
+        return _resize(image, resized).crop((left, top, left + target, top + target))
+    scale_x, scale_y = image.width / resized[0], image.height / resized[1]
+    window = (left * scale_x, top * scale_y, (left + target) * scale_x, (top + target) * scale_y)
+    return image.resize((target, target), Image.Resampling.BICUBIC, box=window)
 
 
 def _anyres_tiles(image: Image.Image, grid: tuple[int, int], cfg: EncoderConfig) -> np.ndarray:
@@ -123,6 +131,21 @@ def _anyres_tiles(image: Image.Image, grid: tuple[int, int], cfg: EncoderConfig)
     tiles = canvas.reshape(rows, target, cols, target, 3).swapaxes(1, 2).reshape(rows * cols, target, target, 3)
     base = np.asarray(_resize(image, (target, target)))
     return np.concatenate([base[None], tiles])
+
+
+def preparation_pixels(size: tuple[int, int], cfg: EncoderConfig) -> int:
+    """How many pixels :func:`prepare_image` holds at once beyond the image itself (its largest intermediate),
+    known from the header: the decode stage bounds it before decoding."""
+    target = cfg.image_size
+    if cfg.anyres:
+        rows, cols = anyres_grid(size, cfg)
+        return 2 * rows * cols * target * target + target * target  # canvas, fitted image, base tile
+    if cfg.resize_mode == "squash":
+        return target * target
+    if cfg.resize_mode == "pad":
+        return max(size) ** 2 + target * target  # expand2square's canvas, then the tile
+    resized_w, resized_h = shortest_edge_size(size, target)
+    return resized_w * resized_h if resized_w * resized_h <= EXACT_RESIZE_MAX_PIXELS else target * target
 
 
 def prepare_image(image: Image.Image, cfg: EncoderConfig) -> PreparedImage:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -23,8 +24,9 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from pipeline.config import ConfigError, EncoderConfig
+from pipeline.config import ConfigError, EncoderConfig, JobError
 from pipeline.encoders.geometry import PreparedImage, check_geometry, prepare_image
+from pipeline.failures import hub_failure, hub_offline, hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +59,19 @@ def build_tower(cfg: EncoderConfig) -> PreTrainedModel:
     """``cfg.pretrained`` loaded in float32, or a random init seeded by ``cfg.seed`` (same seed, same weights)."""
     config_cls, model_cls = TOWERS[cfg.family]
     if cfg.pretrained:
-        tower = model_cls.from_pretrained(
-            cfg.pretrained, local_files_only=cfg.local_files_only, dtype=torch.float32, attn_implementation="sdpa"
-        )
+        # Offline, or a hub id on a host that cannot reach the hub: the cache alone, so a failure comes in
+        # seconds rather than after huggingface_hub's retries.
+        reachable = cfg.local_files_only or hub_offline() or os.path.isdir(cfg.pretrained) or hub_reachable()
+        try:
+            tower = model_cls.from_pretrained(
+                cfg.pretrained, local_files_only=cfg.local_files_only or hub_offline() or not reachable,
+                dtype=torch.float32, attn_implementation="sdpa",
+            )
+        except OSError as exc:
+            message = hub_failure(exc, cfg.pretrained, cfg.local_files_only, reachable)
+            if message is None:
+                raise
+            raise JobError(f"encoder {cfg.name!r}: {message}") from exc
         check_tower_matches(tower.config, cfg)
         return tower
     config = config_cls(

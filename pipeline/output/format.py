@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -51,6 +52,7 @@ QUARANTINE_SCHEMA = pa.schema([
     ("key", pa.string()),
     ("source_shard", pa.string()),
     ("reason", pa.string()),
+    ("samples", pa.int64()),  # how many input samples the row stands for: 1, more for a "*" row, null: unknown
 ])
 
 # Arrow's binary type has 32-bit offsets; larger batches are split into several record batches.
@@ -239,7 +241,8 @@ def encode_sample_table(samples: Sequence[Mapping[str, Any]], meta: Mapping[str,
 
 def encode_quarantine_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist(
-        [{"key": r["key"], "source_shard": r["shard_id"], "reason": r["reason"]} for r in rows],
+        [{"key": r["key"], "source_shard": r["shard_id"], "reason": r["reason"], "samples": r.get("samples", 1)}
+         for r in rows],
         schema=QUARANTINE_SCHEMA,
     )
 
@@ -289,10 +292,10 @@ def sample_to_wds(row: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, 
     positions = row["positions"]
     positions = np.frombuffer(positions, dtype="<i4") if isinstance(positions, bytes) else np.asarray(positions, "<i4")
     info = {name: row[name] for name in ("width", "height", "n_tokens", "n_kept", "grid_rows", "grid_cols")}
-    info |= {"source_shard": row.get("shard_id", row.get("source_shard")), "dtype": dtype, "dim": dim,
-             "side": meta["side"]}
+    info |= {"key": row["key"], "source_shard": row.get("shard_id", row.get("source_shard")), "dtype": dtype,
+             "dim": dim, "side": meta["side"]}
     info |= {name: row.get(name) for name in PASSTHROUGH_COLUMNS}
-    sample = {"__key__": row["key"], "tokens.npy": _npy_bytes(tokens), "positions.npy": _npy_bytes(positions),
+    sample = {"__key__": wds_member_key(row["key"]), "tokens.npy": _npy_bytes(tokens), "positions.npy": _npy_bytes(positions),
               "json": json.dumps(info, sort_keys=True).encode()}
     if row.get("scores") is not None:
         sample["scores.npy"] = _npy_bytes(np.frombuffer(row["scores"], dtype="<f2"))
@@ -304,7 +307,7 @@ def decode_wds_sample(sample: Mapping[str, Any]) -> dict[str, Any]:
     info = json.loads(sample["json"])
     stored = _npy_array(sample["tokens.npy"])
     return {
-        "key": sample["__key__"],
+        "key": info.get("key", sample["__key__"]),
         "tokens": decode_tokens(stored, info["dtype"], info["dim"]),
         "positions": torch.from_numpy(_npy_array(sample["positions.npy"]).astype(np.int64)),
         "n_tokens": info["n_tokens"],
@@ -314,11 +317,36 @@ def decode_wds_sample(sample: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def wds_key_problem(key: str) -> str | None:
-    """Why ``key`` cannot name WebDataset members (their suffix starts at the first '.'), or None."""
-    if "/" in key or "." in key:
-        return f"invalid key for webdataset output: {key!r} contains '/' or '.'"
+_UNSAFE_KEY_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+def key_problem(key: str) -> str | None:
+    """Why ``key`` cannot be a stored sample's key, or None: the one key policy, applied by the decode stage
+    before any output format sees a sample, so Parquet and WebDataset outputs keep the same rows.
+
+    A key is a relative ``/``-separated name every output can store: UTF-8, no empty, ``.`` or ``..`` segment
+    (nothing that reads as a path out of a folder), no backslash or control character. Dots are fine: the
+    WebDataset writer escapes them in member names (:func:`wds_member_key`).
+    """
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        return "invalid key: not UTF-8"
+    if not key:
+        return "invalid key: empty"
+    if _UNSAFE_KEY_CHARS.search(key):
+        return f"invalid key: {key!r} contains a backslash or control character"
+    segments = key.split("/")
+    if any(segment in ("", ".", "..") for segment in segments):
+        return f"invalid key: {key!r} is not a relative name (an empty, '.' or '..' segment)"
     return None
+
+
+def wds_member_key(key: str) -> str:
+    """``key`` as a WebDataset member prefix: a member's key ends at the first ``.`` of its base name, so ``%``
+    and the last segment's dots are percent-escaped; the sample's json keeps the key itself."""
+    folder, _, name = key.replace("%", "%25").rpartition("/")
+    return f"{folder}/{name.replace('.', '%2E')}" if folder else name.replace(".", "%2E")
 
 
 def samples_to_wds_tar(samples: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> bytes:
@@ -326,14 +354,14 @@ def samples_to_wds_tar(samples: Sequence[Mapping[str, Any]], meta: Mapping[str, 
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         for row in samples:
-            problem = wds_key_problem(row["key"])
+            problem = key_problem(row["key"])
             if problem:
-                raise ValueError(problem)
+                raise ValueError(f"invalid key for webdataset output: {problem}")
             sample = sample_to_wds(row, meta)
             for suffix, data in sample.items():
                 if suffix == "__key__":
                     continue
-                member = tarfile.TarInfo(f"{row['key']}.{suffix}")
+                member = tarfile.TarInfo(f"{sample['__key__']}.{suffix}")
                 member.size = len(data)
                 tar.addfile(member, io.BytesIO(data))
     return buffer.getvalue()

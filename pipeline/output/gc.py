@@ -1,4 +1,5 @@
-"""Find and remove attempt files no commit marker references (crashed or lost attempts)."""
+"""Find and remove attempt files no commit marker references (crashed or lost attempts), and temporary files
+that local writes left behind (a crash or a full disk between write and rename)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,22 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from fsspec.implementations.local import LocalFileSystem
+
 from pipeline.config import Config, StorageConfig, require
-from pipeline.output.commit import COMMITTED_DIR, DATA_DIR, QUARANTINE_DIR, list_committed
-from pipeline.storage import filesystem_for
+from pipeline.output.commit import (
+    COMMITTED_DIR,
+    DATA_DIR,
+    QUARANTINE_DIR,
+    by_source,
+    list_committed,
+    load_markers,
+    marker_listing,
+    set_aside_if_corrupt,
+    write_marker_index,
+)
+from pipeline.output.manifest import current_shards, read_manifest, write_manifest
+from pipeline.storage import TMP_SUFFIX, filesystem_for, url_for
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +39,9 @@ class GcConfig(Config):
     path: str = "demo_output/compressed"
     grace_hours: float = 24.0
     apply: bool = False
+    # Read every marker (not the index), set aside those that do not parse, rewrite the marker index and the
+    # manifest from them: the explicit full rebuild behind compress's incremental manifest update.
+    repair: bool = False
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def check(self) -> None:
@@ -68,9 +85,28 @@ def find_orphans(cfg: GcConfig, now: float | None = None) -> list[Orphan]:
             for path, info in sorted(fs.find(f"{output_dir}/{folder}", detail=True).items()):
                 relative = path[len(output_dir) + 1:]
                 age_hours = (now - _modified(info)) / 3600
-                if relative not in referenced and age_hours >= cfg.grace_hours:
+                if relative not in referenced and age_hours >= cfg.grace_hours and not _is_temporary(path):
                     orphans.append(Orphan(url=protocol + path, bytes=int(info.get("size", 0)), age_hours=age_hours))
-    return orphans
+        orphans.extend(_temporaries(fs, output_dir, protocol, now, cfg.grace_hours))
+    return sorted(orphans, key=lambda o: o.url)
+
+
+def _is_temporary(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return name.startswith(".") and name.endswith(TMP_SUFFIX)
+
+
+def _temporaries(fs, output_dir: str, protocol: str, now: float, grace_hours: float) -> list[Orphan]:
+    """Local writes' temporary files (``.name.<uuid>.tmp``) that a crash or a full disk left anywhere in the
+    output; they never hold committed data. Object stores write no temporaries."""
+    if not isinstance(fs, LocalFileSystem):
+        return []
+    found = []
+    for path, info in fs.find(output_dir, detail=True).items():
+        age_hours = (now - _modified(info)) / 3600
+        if _is_temporary(path) and age_hours >= grace_hours:
+            found.append(Orphan(url=protocol + path, bytes=int(info.get("size", 0)), age_hours=age_hours))
+    return found
 
 
 def remove(orphans: list[Orphan], cfg: GcConfig) -> None:
@@ -79,8 +115,37 @@ def remove(orphans: list[Orphan], cfg: GcConfig) -> None:
         fs.rm(filesystem_for(orphan.url, cfg.storage.storage_options())[1])
 
 
+def repair_output(output_dir: str, storage_options: dict) -> dict:
+    """Rebuild ``output_dir``'s marker index and manifest from every marker body; markers that do not parse
+    are moved to ``_committed/_corrupt/``. Each shard keeps the version the old manifest showed, else the
+    newest marker (the input is not read here)."""
+    fs, root = filesystem_for(f"{output_dir}/{COMMITTED_DIR}", storage_options)
+    listed = marker_listing(fs, root)
+    markers = load_markers(output_dir, storage_options, known={})
+    corrupt = [name for name in listed if name not in markers]
+    for name in corrupt:
+        set_aside_if_corrupt(url_for(fs, listed[name][0]), storage_options)
+    try:
+        shown = {row["shard_id"]: row["source_fingerprint"] for row in read_manifest(output_dir, storage_options)}
+    except (FileNotFoundError, ValueError):
+        shown = {}
+    visible = current_shards(by_source(markers), shown)
+    write_manifest(output_dir, visible, storage_options)
+    write_marker_index(output_dir, markers, storage_options)
+    log.info(f"[gc] repaired {output_dir}: {len(markers)} markers read, {len(corrupt)} set aside, "
+             f"{len(visible)} shards in the manifest")
+    return {"output": output_dir, "markers": len(markers), "corrupt": len(corrupt), "shards": len(visible)}
+
+
 def run_gc(cfg: GcConfig) -> dict:
-    """``jobs.gc``: list the orphans, remove them with ``apply=true``, summarise."""
+    """``jobs.gc``: list the orphans, remove them with ``apply=true``, summarise; ``repair=true`` first
+    rebuilds each output's marker index and manifest from every marker."""
+    repaired = []
+    if cfg.repair:
+        options = cfg.storage.storage_options()
+        fs, root = filesystem_for(cfg.path.rstrip("/"), options)
+        protocol = cfg.path.split("://", 1)[0] + "://" if "://" in cfg.path else ""
+        repaired = [repair_output(protocol + d, options) for d in output_dirs(fs, root)]
     orphans = find_orphans(cfg)
     for orphan in orphans:
         log.info(f"[gc] {'removing' if cfg.apply else 'would remove'} {orphan.url} ({orphan.bytes} bytes, "
@@ -88,4 +153,5 @@ def run_gc(cfg: GcConfig) -> dict:
     if cfg.apply:
         remove(orphans, cfg)
     return {"path": cfg.path, "applied": cfg.apply, "orphans": len(orphans),
-            "bytes": sum(o.bytes for o in orphans), "files": [o.url for o in orphans]}
+            "bytes": sum(o.bytes for o in orphans), "files": [o.url for o in orphans],
+            **({"repaired": repaired} if cfg.repair else {})}

@@ -1,41 +1,49 @@
-"""Training the adaptive token selector with Ray Train: a ``TorchTrainer`` (DDP) over the input's shards.
+"""Training the adaptive token selector with Ray Train: a ``TorchTrainer`` (DDP) over a stream of token sets.
 
-Each worker reads its share of the shards, encodes the images once with the frozen encoder, keeps the token sets
-in memory and trains the selector and reconstructor on them. Rank 0 writes ``{output}/checkpoints/step-*/`` and
-``{output}/metrics.jsonl``; a rerun resumes from the latest checkpoint.
+Each worker streams its share of the training data (:mod:`pipeline.ray_train.selector_data`: images encoded on
+the fly, or a full-token compress output) and trains the selector and reconstructor on it; memory does not grow
+with the corpus. Rank 0 writes ``{output}/checkpoints/step-*/`` (with every worker's RNG states and stream
+position) and ``{output}/metrics.jsonl``; a rerun resumes from the latest checkpoint with the same next batch.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any
 
 import ray.train
 import ray.train.torch
 import torch
-from torch import Tensor
+import torch.distributed as dist
+from torch import nn
 
 from pipeline.config import ConfigError, JobError, TrainSelectorConfig
-from pipeline.encoders import VisionEncoder
 from pipeline.ray_train.cluster import init_ray
+from pipeline.ray_train.selector_data import (
+    TokenStream,
+    open_feature_store,
+    open_stream,
+    restore_worker_state,
+    worker_state,
+)
 from pipeline.ray_train.trainer import fit, mean_over_workers, threads_per_worker, worker_log
 from pipeline.selector.checkpoint import (
+    SelectorCheckpoint,
     checkpoint_dir,
-    encoder_identity,
     latest_checkpoint,
     load_checkpoint,
     load_optimizer_state,
+    load_train_state,
     read_sidecar,
     save_checkpoint,
 )
 from pipeline.selector.model import SelectorAutoencoder
-from pipeline.selector.training import make_optimizer, sample_batches, train_loop
-from pipeline.sources import Quarantined, ShardRef, iter_shard, list_shards
-from pipeline.sources.decode import DecodeError, decode_image
+from pipeline.selector.training import make_optimizer, train_loop
+from pipeline.sources import list_shards
 from pipeline.storage import (
     absolute_url,
     filesystem_for,
@@ -61,38 +69,6 @@ def metrics_path(output: str) -> str:
 # --------------------------------------------------------------------------------------------- worker side
 
 
-def encode_token_sets(shards: list[ShardRef], cfg: TrainSelectorConfig, encoder: VisionEncoder, limit: int | None) -> list[Tensor]:
-    """Decode and encode up to ``limit`` images of ``shards``; undecodable samples are skipped and counted."""
-    storage_options = cfg.storage.storage_options()
-    token_sets: list[Tensor] = []
-    pending = []
-    skipped = 0
-
-    def flush() -> None:
-        token_sets.extend(e.tokens.float().cpu() for e in encoder.encode_images(pending))
-        pending.clear()
-
-    for shard in shards:
-        for sample in iter_shard(shard, cfg.input, storage_options):
-            if limit is not None and len(token_sets) + len(pending) >= limit:
-                break
-            if isinstance(sample, Quarantined) or sample.image is None:
-                skipped += 1
-                continue
-            try:
-                pending.append(decode_image(sample.image, cfg.decode))
-            except DecodeError:
-                skipped += 1
-                continue
-            if len(pending) == cfg.encoder.batch_size:
-                flush()
-    if pending:
-        flush()
-    if skipped:
-        worker_log(f"[{PROG}] skipped {skipped} samples that could not be read or decoded")
-    return token_sets
-
-
 class MetricsLog:
     """Rank 0's metrics, one JSON line per log step; rewritten whole, so it works on object stores too."""
 
@@ -110,40 +86,65 @@ class MetricsLog:
         write_bytes(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows).encode(), self.storage_options)
 
 
-def train_worker(config: dict[str, Any]) -> None:
-    cfg: TrainSelectorConfig = config["cfg"]
-    shards: list[ShardRef] = config["shards"]
-    torch.set_num_threads(config["threads"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
+def gather_from_workers(value: Any) -> list[Any]:
+    """Every worker's ``value``, in rank order (just ``[value]`` outside torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def resume_state(resumed: SelectorCheckpoint, rank: int, world_size: int,
+                 storage_options: dict[str, Any]) -> dict[str, Any] | None:
+    """This worker's saved RNG states and stream position; None for a checkpoint that predates them."""
+    state = load_train_state(resumed, storage_options)
+    if state is None:
+        log.warning("%s holds no RNG or data-stream state: training continues from a fresh stream, not exactly",
+                    resumed.path)
+        return None
+    if state["world_size"] != world_size:
+        raise ConfigError(
+            f"resume: {resumed.path} was trained with train.num_workers={state['world_size']}; an exact resume "
+            f"needs the same number of workers, not {world_size} (or use a new output directory)"
+        )
+    return state["workers"][rank]
+
+
+def run_training(
+    cfg: TrainSelectorConfig,
+    stream: TokenStream,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    resume_from: str | None = None,
+    device: torch.device | str = "cpu",
+    wrap_model: Callable[[nn.Module], nn.Module] = lambda model: model,
+    gather: Callable[[Any], list[Any]] = gather_from_workers,
+) -> dict[str, float]:
+    """One worker's training from ``stream`` (Ray-free: ``wrap_model`` makes it DDP, ``gather`` collects the
+    workers' states for rank 0's checkpoint). Resumes model, optimiser, RNG states and stream from
+    ``resume_from``; learning rate and temperature follow from the step."""
     storage_options = cfg.storage.storage_options()
-
-    encoder = VisionEncoder.from_config(cfg.encoder)
-    limit = math.ceil(cfg.train.max_images / world) if cfg.train.max_images else None
-    started = time.monotonic()
-    token_sets = encode_token_sets(shards[rank::world], cfg, encoder, limit)
-    if not token_sets:
-        raise ValueError(f"worker {rank} found no readable images in its shards of {cfg.input.path}")
-    worker_log(f"[{PROG}] worker {rank}/{world}: cached {len(token_sets)} token sets in {time.monotonic() - started:.1f}s")
-
-    resumed = load_checkpoint(config["resume_from"], storage_options) if config["resume_from"] else None
+    resumed = load_checkpoint(resume_from, storage_options) if resume_from else None
     torch.manual_seed(cfg.train.seed)
     if resumed:
-        resumed.check_encoder(encoder.fingerprint())
+        resumed.check_encoder(stream.encoder_fingerprint)
         model = resumed.model
     else:
-        model = SelectorAutoencoder(encoder.hidden_size, cfg.model)
+        model = SelectorAutoencoder(stream.hidden_size, cfg.model)
     start_step = resumed.step if resumed else 0
     # The Gumbel noise differs per worker; the model weights are rank 0's (DDP broadcasts them).
     torch.manual_seed(cfg.train.seed + 1 + rank + 1000 * start_step)
+    if resumed and (state := resume_state(resumed, rank, world_size, storage_options)):
+        restore_worker_state(state, stream)
     bare_model = model
-    model = ray.train.torch.prepare_model(model)
+    model = wrap_model(model)
     optimizer = make_optimizer(model, cfg.train)
-    if resumed and (state := load_optimizer_state(resumed, storage_options)):
-        optimizer.load_state_dict(state)
+    if resumed and (optimizer_state := load_optimizer_state(resumed, storage_options)):
+        optimizer.load_state_dict(optimizer_state)
 
-    identity = encoder_identity(cfg.encoder, encoder.fingerprint(), encoder.hidden_size)
+    identity = stream.encoder_identity()
     metrics_log = MetricsLog(metrics_path(cfg.output), storage_options, start_step) if rank == 0 else None
     train_started = time.monotonic()
 
@@ -155,11 +156,12 @@ def train_worker(config: dict[str, Any]) -> None:
         worker_log(
             f"[{PROG}] step {int(metrics['step'])}/{cfg.train.steps} loss {metrics['loss']:.4f} "
             f"recon {metrics['recon_error']:.4f} keep {metrics['keep_rate']:.3f} (p {metrics['keep_probability']:.3f}) "
-            f"tau {metrics['temperature']:.3f} lr {metrics['lr']:.2e} "
+            f"tau {metrics['temperature']:.3f} lr {metrics['lr']:.2e} epoch {stream.epoch} "
             f"{time.monotonic() - train_started:.0f}s"
         )
 
     def on_checkpoint(step: int, metrics: dict[str, float]) -> None:
+        states = gather(worker_state(stream))  # every worker takes part, rank 0 writes
         if rank != 0:
             return
         directory = save_checkpoint(
@@ -170,15 +172,26 @@ def train_worker(config: dict[str, Any]) -> None:
             train=asdict(cfg.train),
             metrics={name: metrics[name] for name in SUMMARY_METRICS if name in metrics},
             optimizer_state=optimizer.state_dict(),
+            train_state={"world_size": world_size, "workers": states},
             storage_options=storage_options,
         )
         worker_log(f"[{PROG}] checkpoint {directory}")
 
-    batches = sample_batches(token_sets, cfg.train.batch_size, seed=cfg.train.seed + 1 + rank + 1000 * start_step)
-    train_loop(
-        model, batches, cfg.train, optimizer=optimizer, start_step=start_step, device=device,
+    return train_loop(
+        model, iter(stream), cfg.train, optimizer=optimizer, start_step=start_step, device=device,
         on_log=on_log, on_checkpoint=on_checkpoint,
     )
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    cfg: TrainSelectorConfig = config["cfg"]
+    torch.set_num_threads(config["threads"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    stream = open_stream(cfg, rank=rank, world_size=world, shards=config["shards"])
+    worker_log(f"[{PROG}] worker {rank}/{world}: streaming {cfg.train.source} from {cfg.input.path}")
+    run_training(cfg, stream, rank=rank, world_size=world, resume_from=config["resume_from"],
+                 device=ray.train.torch.get_device(), wrap_model=ray.train.torch.prepare_model)
 
 
 # --------------------------------------------------------------------------------------------- driver side
@@ -226,15 +239,23 @@ def train_selector(cfg: TrainSelectorConfig) -> dict[str, Any]:
     if meta and meta["step"] >= cfg.train.steps:
         log.info(f"[{PROG}] {resume_from} already reached step {meta['step']} of {cfg.train.steps}; nothing to train")
         return summary(cfg, started)
-    shards = list_shards(cfg.input, cfg.storage.storage_options())
-    if len(shards) < cfg.train.num_workers:
-        raise ConfigError(
-            f"input.path: {cfg.input.path} holds {len(shards)} shards, fewer than train.num_workers="
-            f"{cfg.train.num_workers}; each worker reads whole shards"
-        )
+    shards = None
+    if cfg.train.source == "features":
+        rows = open_feature_store(cfg).total_rows  # a wrong output fails here, before any worker starts
+        if rows < cfg.train.num_workers:
+            raise ConfigError(f"input.path: {cfg.input.path} holds {rows} rows, fewer than train.num_workers="
+                              f"{cfg.train.num_workers}")
+    else:
+        shards = list_shards(cfg.input, cfg.storage.storage_options())
+        if len(shards) < cfg.train.num_workers:
+            raise ConfigError(
+                f"input.path: {cfg.input.path} holds {len(shards)} shards, fewer than train.num_workers="
+                f"{cfg.train.num_workers}; each worker reads whole shards"
+            )
     init_ray(cfg.ray.address)
     threads = threads_per_worker(cfg.train.cpus_per_worker, cfg.train.num_workers)
-    log.info(f"[{PROG}] {len(shards)} shards, {cfg.train.num_workers} workers x {threads} CPUs"
+    source = f"{len(shards)} shards" if shards is not None else "features"
+    log.info(f"[{PROG}] {source} of {cfg.input.path}, {cfg.train.num_workers} workers x {threads} CPUs"
              + (f", resuming from {resume_from}" if resume_from else ""))
     fit(train_worker, {"cfg": cfg, "shards": shards, "threads": threads, "resume_from": resume_from},
         name=PROG, output=cfg.output, num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu, threads=threads)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.config import ConfigError, JobError
+from pipeline.ray_train.cluster import require_resources
 from pipeline.storage import filesystem_for, is_local
 
 
@@ -29,8 +30,17 @@ def threads_per_worker(cpus_per_worker: int | None, num_workers: int) -> int:
 
 
 def fit(worker: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], *, name: str, output: str,
-        num_workers: int, use_gpu: bool, threads: int) -> None:
-    """Run ``worker`` on ``num_workers`` DDP workers; a ConfigError raised in a worker stays a ConfigError."""
+        num_workers: int, use_gpu: bool, threads: int, resource_wait_s: float | None = None) -> None:
+    """Run ``worker`` on ``num_workers`` DDP workers; a ConfigError raised in a worker stays a ConfigError.
+
+    First the preflight: the workers must fit on the cluster (waiting up to ``resource_wait_s``, by default the
+    job config's ``ray.resource_wait_s``, for an autoscaler), or the job ends with one line naming the setting.
+    """
+    if resource_wait_s is None:
+        resource_wait_s = getattr(getattr(loop_config.get("cfg"), "ray", None), "resource_wait_s", None)
+    require_resources({"CPU": threads, "GPU": 1.0 if use_gpu else 0.0}, num_workers,
+                      settings={"GPU": "train.use_gpu=true", "CPU": f"train.cpus_per_worker={threads}"},
+                      what="training worker", wait_s=resource_wait_s)
     trainer = ray.train.torch.TorchTrainer(
         worker,
         train_loop_config=loop_config,

@@ -5,6 +5,7 @@ is ignored when looking for the latest one::
 
     {root}/step-00000300/model.safetensors   the SelectorAutoencoder's state dict
                          optimizer.pt        optimizer state: tensors and plain values only (weights_only load)
+                         train_state.pt      per worker: RNG states and the data stream's position (exact resume)
                          checkpoint.json     encoder identity, dims, model and train config, step, metrics, sha256
 
 A learned selector's fingerprint is the sha256 of its weights file, checked again on every load.
@@ -29,6 +30,7 @@ from pipeline.storage import filesystem_for, join_url, read_bytes, write_bytes
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
+TRAIN_STATE_FILE = "train_state.pt"
 SIDECAR_FILE = "checkpoint.json"
 STEP_PREFIX = "step-"
 
@@ -61,6 +63,7 @@ def save_checkpoint(
     train: dict[str, Any],
     metrics: dict[str, float],
     optimizer_state: dict[str, Any] | None = None,
+    train_state: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> str:
     weights = save_safetensors({name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()})
@@ -69,6 +72,10 @@ def save_checkpoint(
         buffer = io.BytesIO()
         torch.save(optimizer_state, buffer)
         write_bytes(join_url(directory, OPTIMIZER_FILE), buffer.getvalue(), storage_options)
+    if train_state is not None:
+        buffer = io.BytesIO()
+        torch.save(train_state, buffer)
+        write_bytes(join_url(directory, TRAIN_STATE_FILE), buffer.getvalue(), storage_options)
     sidecar = {
         "format_version": FORMAT_VERSION,
         "step": step,
@@ -80,6 +87,7 @@ def save_checkpoint(
         "weights": WEIGHTS_FILE,
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "optimizer": OPTIMIZER_FILE if optimizer_state is not None else None,
+        "train_state": TRAIN_STATE_FILE if train_state is not None else None,
     }
     write_bytes(join_url(directory, SIDECAR_FILE), json.dumps(sidecar, indent=2, sort_keys=True).encode(), storage_options)
     return directory
@@ -173,4 +181,12 @@ def load_optimizer_state(checkpoint: SelectorCheckpoint, storage_options: dict[s
     if not checkpoint.meta.get("optimizer"):
         return None
     data = read_bytes(join_url(checkpoint.path, checkpoint.meta["optimizer"]), storage_options)
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def load_train_state(checkpoint: SelectorCheckpoint, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """What ``save_checkpoint(train_state=...)`` stored (tensors and plain values), or None for older checkpoints."""
+    if not checkpoint.meta.get("train_state"):
+        return None
+    data = read_bytes(join_url(checkpoint.path, checkpoint.meta["train_state"]), storage_options)
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

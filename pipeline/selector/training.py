@@ -1,4 +1,4 @@
-"""The selector's training loop, free of Ray and of I/O: cached token sets in, a trained autoencoder out."""
+"""The selector's training loop, free of Ray and of I/O: batches of token sets in, a trained autoencoder out."""
 
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ class TokenBatch:
     tokens: Tensor  # [B, N, D] float32, zeros at padding
     mask: Tensor  # [B, N] bool, True = real token
     cls_attention: Tensor | None = None  # [B, N], when the encoder supplies it
+    keys: list[str] | None = None  # the samples' keys, when the stream knows them
 
     def to(self, device: torch.device | str) -> TokenBatch:
         attention = self.cls_attention.to(device) if self.cls_attention is not None else None
-        return TokenBatch(self.tokens.to(device), self.mask.to(device), attention)
+        return TokenBatch(self.tokens.to(device), self.mask.to(device), attention, self.keys)
 
 
 def pad_token_sets(token_sets: Sequence[Tensor], cls_attention: Sequence[Tensor] | None = None) -> TokenBatch:

@@ -1,6 +1,7 @@
 """Image bytes to an upright RGB image, bounded in bytes and pixels, or a DecodeError saying why not.
 
-Hostile input is expected: the byte and pixel bounds are checked before any pixel is decoded, only common
+Hostile input is expected: the byte, pixel and aspect-ratio bounds (and the caller's own check of the size,
+such as what preparing the image would cost) are checked before any pixel is decoded, only common
 raster formats are tried (no EPS, which runs Ghostscript), and any failure inside Pillow becomes a
 DecodeError. Pillow's own global bomb limit (``Image.MAX_IMAGE_PIXELS``) is left as it is: changing it per
 call would race between threads, and ``max_pixels`` is normally below it anyway; an image over Pillow's
@@ -10,6 +11,7 @@ limit is rejected with the same "too many pixels" reason.
 from __future__ import annotations
 
 import io
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -23,14 +25,17 @@ _ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
 
 class DecodeError(ValueError):
     """``reason`` starts with a short prefix a program can group by: empty, too large, not an image,
-    too many pixels, truncated, corrupt."""
+    too many pixels, extreme aspect ratio, truncated, out of memory, corrupt."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
 
 
-def decode_image(data: bytes, cfg: DecodeConfig) -> Image.Image:
+def decode_image(
+    data: bytes, cfg: DecodeConfig, size_problem: Callable[[tuple[int, int]], str | None] | None = None
+) -> Image.Image:
+    """``size_problem(size)``, when given, is asked from the header too; a reason it returns is raised."""
     if not data:
         raise DecodeError("empty: zero bytes")
     if len(data) > cfg.max_bytes:
@@ -46,11 +51,21 @@ def decode_image(data: bytes, cfg: DecodeConfig) -> Image.Image:
     width, height = image.size
     if width * height > cfg.max_pixels:
         raise DecodeError(f"too many pixels: {width}x{height} > {cfg.max_pixels}")
+    problem = aspect_ratio_problem((width, height), cfg) or (size_problem and size_problem((width, height)))
+    if problem:
+        raise DecodeError(problem)
     try:
         image.load()
         return _to_rgb(_upright(image))
     except Exception as exc:  # as above, for the pixel decoders
         raise _failure(exc) from None
+
+
+def aspect_ratio_problem(size: tuple[int, int], cfg: DecodeConfig) -> str | None:
+    width, height = size
+    if max(width, height) > cfg.max_aspect_ratio * max(1, min(width, height)):
+        return f"extreme aspect ratio: {width}x{height} is over decode.max_aspect_ratio={cfg.max_aspect_ratio:g}"
+    return None
 
 
 def _upright(image: Image.Image) -> Image.Image:
@@ -81,6 +96,8 @@ def _to_8bit_gray(image: Image.Image) -> Image.Image:
 
 def _failure(exc: Exception) -> DecodeError:
     detail = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, MemoryError):
+        return DecodeError(f"out of memory: {detail}")
     if isinstance(exc, EOFError) or "truncated" in detail.lower():
         return DecodeError(f"truncated: {detail}")
     return DecodeError(f"corrupt: {detail}")

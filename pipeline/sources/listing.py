@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import re
 from collections import Counter, defaultdict
@@ -15,12 +16,18 @@ from pipeline.config import ConfigError, InputConfig, stable_hash
 from pipeline.sources.folder_reader import (
     IMAGE_EXTENSIONS,
     SIDECAR_EXTENSIONS,
+    list_folder,
+    member_key,
     split_member,
 )
 from pipeline.sources.samples import ShardFormat, ShardRef
-from pipeline.storage import filesystem_for, url_for
+from pipeline.storage import filesystem_for, listed_infos, object_fingerprint, url_for
 
-FILE_SUFFIXES: dict[ShardFormat, str] = {"webdataset": ".tar", "parquet": ".parquet"}
+log = logging.getLogger(__name__)
+
+# Compressed tars are read as webdataset reads them (tarfile detects the compression).
+FILE_SUFFIXES: dict[ShardFormat, tuple[str, ...]] = {"webdataset": (".tar", ".tar.gz", ".tgz"),
+                                                     "parquet": (".parquet",)}
 _GLOB = re.compile(r"[*?\[]")
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 MAX_ID_LENGTH = 96
@@ -53,19 +60,24 @@ def list_shards(cfg: InputConfig, storage_options: dict[str, Any]) -> list[Shard
     if fmt == "folder":
         shards = _folder_shards(found, cfg.folder_shard_size)
     else:
-        shards = [_file_shard(f, fmt) for f in found if f.kind == fmt]
+        for f in found:
+            if f.kind == fmt and "problem" in f.info:
+                log.warning(f"[listing] skipped {f.url}: {f.info['problem']}")
+        shards = [_file_shard(f, fmt) for f in found if f.kind == fmt and "problem" not in f.info]
     return sorted(_unique_ids(shards), key=lambda s: (s.url, s.shard_id))
 
 
 def _find(pattern: str, storage_options: dict[str, Any]) -> list[_Found]:
     found: dict[str, _Found] = {}
-    for alternative in braceexpand(pattern):
+    alternatives = list(braceexpand(pattern))
+    listed = listed_infos(alternatives, storage_options)  # a listing per folder, not a HEAD per name
+    for alternative in alternatives:
         fs, path = filesystem_for(alternative, storage_options)
         fs.invalidate_cache()  # a long-lived process must see shards added or rewritten since its last listing
-        base, matches = _matches(fs, path, alternative)
+        base, matches = _matches(fs, path, alternative, listed)
         for match, info in matches.items():
             if info["type"] == "directory":
-                folder, files = match, fs.find(match, detail=True).items()
+                folder, files = match, list_folder(fs, match).items()
             else:
                 folder, files = posixpath.dirname(match), [(match, info)]
             for file, file_info in files:
@@ -81,13 +93,14 @@ def _find(pattern: str, storage_options: dict[str, Any]) -> list[_Found]:
     return sorted(found.values(), key=lambda f: f.url)
 
 
-def _matches(fs: AbstractFileSystem, path: str, alternative: str) -> tuple[str, dict[str, dict[str, Any]]]:
+def _matches(fs: AbstractFileSystem, path: str, alternative: str,
+             listed: dict[str, dict[str, Any]] | None = None) -> tuple[str, dict[str, dict[str, Any]]]:
     """(the fixed directory part of ``path``, {matched path: info}); a plain path must exist."""
     glob = _GLOB.search(path)
     if glob:
         return posixpath.dirname(path[: glob.start()]), fs.glob(path, detail=True)
     try:
-        info = fs.info(path)
+        info = (listed or {}).get(path) or fs.info(path)
     except FileNotFoundError:
         raise ConfigError(f"input.path: {alternative} does not exist") from None
     return (path if info["type"] == "directory" else posixpath.dirname(path)), {path: info}
@@ -113,11 +126,12 @@ def _detect_format(cfg: InputConfig, found: list[_Found]) -> ShardFormat:
 
 
 def _describe(fmt: str) -> str:
-    return f"{FILE_SUFFIXES[fmt]} files" if fmt in FILE_SUFFIXES else "image files"
+    return f"{'/'.join(FILE_SUFFIXES[fmt])} files" if fmt in FILE_SUFFIXES else "image files"
 
 
 def _file_shard(found: _Found, fmt: ShardFormat) -> ShardRef:
-    stem = found.rel[: -len(FILE_SUFFIXES[fmt])]
+    suffix = next(s for s in FILE_SUFFIXES[fmt] if found.rel.lower().endswith(s))
+    stem = found.rel[: -len(suffix)]
     return ShardRef(
         shard_id=_safe_id(stem, found.url),
         url=found.url,
@@ -128,15 +142,17 @@ def _file_shard(found: _Found, fmt: ShardFormat) -> ShardRef:
 
 
 def _folder_shards(found: list[_Found], shard_size: int) -> list[ShardRef]:
-    """Each folder's images, sorted by key, in runs of ``shard_size``; a sidecar joins its image's shard."""
+    """Each folder's images, sorted by key, in runs of ``shard_size``; a sidecar joins its image's shard, and a
+    problem entry (see :func:`list_folder`) counts as an image, so the reader quarantines it with its reason."""
     by_folder: dict[str, dict[str, list[_Found]]] = defaultdict(lambda: defaultdict(list))
     for f in found:
-        key, ext = split_member(f.member)
-        if ext in IMAGE_EXTENSIONS or ext in SIDECAR_EXTENSIONS:
-            by_folder[f.folder][key].append(f)
+        ext = split_member(f.member)[1]
+        if ext in IMAGE_EXTENSIONS or ext in SIDECAR_EXTENSIONS or "problem" in f.info:
+            by_folder[f.folder][member_key(f.member)].append(f)
     shards = []
     for folder, by_key in by_folder.items():
-        keys = sorted(key for key, files in by_key.items() if any(f.kind == "folder" for f in files))
+        keys = sorted(key for key, files in by_key.items()
+                      if any(f.kind == "folder" or "problem" in f.info for f in files))
         if not keys:
             continue
         any_file = by_key[keys[0]][0]
@@ -144,7 +160,8 @@ def _folder_shards(found: list[_Found], shard_size: int) -> list[ShardRef]:
         for index in range(0, len(keys), shard_size):
             files = sorted(
                 (f for key in keys[index : index + shard_size] for f in by_key[key]),
-                key=lambda f: split_member(f.member),  # the reader groups a key's files by adjacency
+                # The reader groups a key's files by adjacency; for images and sidecars, (key, extension).
+                key=lambda f: (member_key(f.member), split_member(f.member)[1]),
             )
             shards.append(
                 ShardRef(
@@ -154,6 +171,7 @@ def _folder_shards(found: list[_Found], shard_size: int) -> list[ShardRef]:
                     size=sum(int(f.info["size"]) for f in files),
                     format="folder",
                     members=tuple(f.member for f in files),
+                    problems=tuple((f.member, f.info["problem"]) for f in files if "problem" in f.info),
                 )
             )
     return shards
@@ -177,8 +195,4 @@ def _unique_ids(shards: list[ShardRef]) -> list[ShardRef]:
 
 
 def _fingerprint(info: dict[str, Any]) -> str:
-    """The object's ETag where the store has one, else size and modification time."""
-    etag = info.get("ETag") or info.get("etag")
-    if etag:
-        return str(etag).strip('"')
-    return f"{info['size']}-{info.get('mtime')}"
+    return object_fingerprint(info)  # the rule open_verified checks a read against

@@ -10,15 +10,16 @@ import pyarrow.parquet as pq
 
 from pipeline.config import InputConfig
 from pipeline.sources.samples import (
+    IMAGE_EXTENSIONS,
     REST_OF_SHARD,
     Quarantined,
     RawSample,
     ShardRef,
     with_caption,
 )
-from pipeline.storage import filesystem_for
+from pipeline.storage import open_verified
 
-IMAGE_COLUMNS = ("jpg", "image", "jpeg", "png", "webp")
+IMAGE_COLUMNS = (IMAGE_EXTENSIONS[0], "image", *IMAGE_EXTENSIONS[1:])
 # Rows decoded into Python objects at a time: a few MB of images, whatever the row-group size.
 BATCH_ROWS = 64
 _BYTES_TYPES = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view, pa.types.is_fixed_size_binary)
@@ -81,12 +82,12 @@ class _Layout:
 def read_parquet_shard(
     shard: ShardRef, cfg: InputConfig, storage_options: dict[str, Any]
 ) -> Iterator[RawSample | Quarantined]:
-    fs, path = filesystem_for(shard.url, storage_options)
-    with fs.open(path, "rb") as f:
+    with open_verified(shard.url, storage_options, shard.size, shard.fingerprint) as f:
         source = _TrackedFile(f)
-        rows = 0
+        rows, total = 0, None
         try:
             parquet = pq.ParquetFile(source)
+            total = parquet.metadata.num_rows
             layout = _layout(parquet.schema_arrow, cfg)
             # Row group by row group: iter_batches merges them, and damage in one would cost the rows before it.
             for row_group in range(parquet.num_row_groups):
@@ -95,11 +96,13 @@ def read_parquet_shard(
                         yield _sample(shard.shard_id, row, rows, layout)
                         rows += 1
         except _NoImageColumn as exc:
-            yield Quarantined(REST_OF_SHARD, shard.shard_id, str(exc))
+            yield Quarantined(REST_OF_SHARD, shard.shard_id, f"{exc} ({total} rows)", samples=total)
         except (pa.ArrowException, OSError, UnicodeDecodeError) as exc:  # how pyarrow reports corrupt bytes
             if source.error is not None:
                 raise source.error from exc
-            yield Quarantined(REST_OF_SHARD, shard.shard_id, f"corrupt parquet after row {rows}: {exc}")
+            # The footer, when it could be read, says how many rows the damage costs; otherwise count one.
+            lost = None if total is None else max(1, total - rows)
+            yield Quarantined(REST_OF_SHARD, shard.shard_id, f"corrupt parquet after row {rows}: {exc}", samples=lost)
 
 
 def _layout(schema: pa.Schema, cfg: InputConfig) -> _Layout:

@@ -11,13 +11,18 @@ ShardFormat = Literal["webdataset", "parquet", "folder"]
 # The key of a Quarantined record that stands for every sample of the shard from the damage on.
 REST_OF_SHARD = "*"
 
+# The image file extensions every reader accepts (tar members, Parquet ``input.image_column`` choices, folder
+# files), in the order a sample holding several picks its image by; sources/decode.py decodes them all.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+
 # Members passed through as metadata text (the last suffix of a compound extension such as "seg.json").
 TEXT_SUFFIXES = frozenset({"txt", "text", "caption", "json", "jsn", "cls", "cls2", "id", "index", "inx"})
 
 
 @dataclass(frozen=True)
 class ShardRef:
-    """One unit of work. Folder shards: ``url`` is the folder and ``members`` the files relative to it."""
+    """One unit of work. Folder shards: ``url`` is the folder and ``members`` the files relative to it;
+    ``problems`` pairs the members the listing found unusable (never to be opened) with the reason."""
 
     shard_id: str
     url: str
@@ -25,6 +30,7 @@ class ShardRef:
     size: int
     format: ShardFormat
     members: tuple[str, ...] = ()
+    problems: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -37,9 +43,13 @@ class RawSample:
 
 @dataclass
 class Quarantined:
+    """A sample that cannot be used, or with key :data:`REST_OF_SHARD` a run of them; ``samples`` is how many
+    it stands for, None where a damaged shard hides how many followed (counted as one)."""
+
     key: str
     shard_id: str
     reason: str
+    samples: int | None = 1
 
 
 @dataclass(frozen=True)
@@ -65,7 +75,8 @@ def sample_from_members(
             return Quarantined(key, shard_id, f"too large: {key}.{ext} is {data.size} bytes > {max_bytes}")
     image_ext = next((ext for ext in image_exts if ext in members), None)
     if image_ext is None:
-        return Quarantined(key, shard_id, f"missing image member: found {', '.join(sorted(members)) or 'nothing'}")
+        found = ", ".join(f"{key}.{ext}" for ext in sorted(members)) or "no member"
+        return Quarantined(key, shard_id, f"missing image member: no {'/'.join(image_exts)} among {found}")
     image = members[image_ext]
     if not image:
         return Quarantined(key, shard_id, f"empty: zero-byte member {key}.{image_ext}")

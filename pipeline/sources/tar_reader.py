@@ -1,4 +1,8 @@
-"""WebDataset tar shards, streamed one member at a time; member names are keys, never paths."""
+"""WebDataset tar shards, streamed one member at a time; member names are keys, never paths.
+
+Compressed tars (gzip, bzip2, xz; named ``.tar.gz``, ``.tgz``, or even ``.tar``) are read as webdataset reads
+them: tarfile's stream mode detects the compression from the first bytes.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import IO, Any, Iterator
 
 from pipeline.config import InputConfig
 from pipeline.sources.samples import (
+    IMAGE_EXTENSIONS,
     REST_OF_SHARD,
     Oversized,
     Quarantined,
@@ -15,9 +20,8 @@ from pipeline.sources.samples import (
     ShardRef,
     sample_from_members,
 )
-from pipeline.storage import filesystem_for
+from pipeline.storage import open_verified
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # webdataset's rules: skip "__name__" metadata members; the key runs to the first dot of the base name.
 _META_MEMBER = re.compile(r"__[^/]*__($|/)")
 _KEY_AND_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -48,13 +52,13 @@ def read_tar_shard(
     shard: ShardRef, cfg: InputConfig, storage_options: dict[str, Any]
 ) -> Iterator[RawSample | Quarantined]:
     image_exts = (cfg.image_column,) if cfg.image_column else IMAGE_EXTENSIONS
-    fs, path = filesystem_for(shard.url, storage_options)
-    with fs.open(path, "rb") as stream:
+    with open_verified(shard.url, storage_options, shard.size, shard.fingerprint) as stream:
         try:
             for key, members in _tar_groups(stream, cfg.max_member_bytes):
                 yield sample_from_members(shard.shard_id, key, members, image_exts, cfg.max_member_bytes)
         except _TarDamage as damage:
-            yield Quarantined(REST_OF_SHARD, shard.shard_id, str(damage))
+            # How many samples followed the damage is unknowable: the record counts as one.
+            yield Quarantined(REST_OF_SHARD, shard.shard_id, str(damage), samples=None)
 
 
 def _tar_groups(stream: IO[bytes], max_bytes: int) -> Iterator[tuple[str, dict[str, bytes | Oversized]]]:
@@ -66,7 +70,10 @@ def _tar_groups(stream: IO[bytes], max_bytes: int) -> Iterator[tuple[str, dict[s
     """
     tar, last, key, group = None, None, None, {}
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=_EndTrackingTarInfo)
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndTrackingTarInfo)
+        except (TypeError, ValueError) as exc:  # tarfile's gzip header parser on a cut header: ord(b"")
+            raise tarfile.ReadError(f"corrupt compressed header ({type(exc).__name__}: {exc})") from exc
         while (info := tar.next()) is not None:
             tar.members = []  # stream mode would otherwise keep every header of the shard
             match = _KEY_AND_EXT.match(info.name)
@@ -79,7 +86,7 @@ def _tar_groups(stream: IO[bytes], max_bytes: int) -> Iterator[tuple[str, dict[s
                 key, group = member_key, {}
             group[ext] = Oversized(info.size) if info.size > max_bytes else tar.extractfile(info).read()
             last = info.name
-    except tarfile.TarError as exc:
+    except (tarfile.TarError, EOFError) as exc:  # EOFError: a compressed stream cut inside its own header
         raise _TarDamage(_damage_reason(exc, last, tar)) from exc
     end = getattr(tar, "end_error", None)
     if end is not None and not isinstance(end, tarfile.EOFHeaderError):
@@ -88,7 +95,7 @@ def _tar_groups(stream: IO[bytes], max_bytes: int) -> Iterator[tuple[str, dict[s
         yield key, group
 
 
-def _damage_reason(exc: tarfile.TarError, last: str | None, tar: tarfile.TarFile | None) -> str:
+def _damage_reason(exc: Exception, last: str | None, tar: tarfile.TarFile | None) -> str:
     if isinstance(exc, tarfile.EmptyHeaderError):
         detail = "no end-of-archive marker"
     else:

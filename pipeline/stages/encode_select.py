@@ -232,7 +232,7 @@ class EncodeSelectStage:
             try:
                 row.update(decode_on_cpu(row["image"], self.cfg))
             except DecodeError as exc:
-                row.update(kind=QUARANTINE, reason=str(exc))
+                row.update(kind=QUARANTINE, reason=str(exc), samples=1)
         for row in rows:
             row["image"] = None
         return tiles

@@ -2,7 +2,9 @@
 
 Rows are flat dicts of plain values (bytes, ints, strings), so Ray can move them as Arrow. The decode stage
 emits :data:`SAMPLE`, :data:`QUARANTINE` and one closing :data:`END` row per shard (how many rows the shard
-produced, and its source); the encode stage turns samples into kept tokens and passes the others on; the write
+produced, ``total``, how many input samples they stand for, ``samples``, and its source); a quarantine row's
+``samples`` is how many samples it stands for (a whole shard's or a damaged range's record stands for several;
+null counts as one); the encode stage turns samples into kept tokens and passes the others on; the write
 stage returns one :data:`DATA` or :data:`QUARANTINE` record per file it wrote and passes each :data:`END` on.
 """
 
@@ -22,7 +24,7 @@ DECODED_SCHEMA = pa.schema([
     ("width", pa.int32()), ("height", pa.int32()), ("pixels", pa.binary()), ("n_tiles", pa.int32()),
     ("grid_rows", pa.int32()), ("grid_cols", pa.int32()), ("caption", pa.string()), ("json", pa.string()),
     ("reason", pa.string()), ("total", pa.int64()), ("source_url", pa.string()), ("source_fingerprint", pa.string()),
-    ("image", pa.binary()),
+    ("image", pa.binary()), ("samples", pa.int64()),
 ])
 ENCODED_SCHEMA = pa.schema(
     [f for f in DECODED_SCHEMA if f.name not in ("pixels", "n_tiles", "image")]
@@ -33,8 +35,13 @@ RECORD_SCHEMA = pa.schema([
     ("kind", pa.string()), ("shard_id", pa.string()), ("path", pa.string()), ("rows", pa.int64()),
     ("bytes", pa.int64()), ("sha256", pa.string()), ("tokens_full", pa.int64()), ("tokens_kept", pa.int64()),
     ("kept_counts", pa.string()), ("total", pa.int64()), ("source_url", pa.string()),
-    ("source_fingerprint", pa.string()),
+    ("source_fingerprint", pa.string()), ("samples", pa.int64()),
 ])
+
+
+def quarantined_samples(row: dict[str, Any]) -> int:
+    """How many input samples a quarantine row stands for (null, unknown: one)."""
+    return 1 if row.get("samples") is None else int(row["samples"])
 
 
 def decoded_row(**values: Any) -> dict[str, Any]:

@@ -18,8 +18,15 @@ from pipeline.output.format import (
     parquet_rows,
     samples_to_wds_tar,
 )
-from pipeline.stages.records import DATA, END, QUARANTINE, RECORD_SCHEMA, SAMPLE
-from pipeline.storage import filesystem_for
+from pipeline.stages.records import (
+    DATA,
+    END,
+    QUARANTINE,
+    RECORD_SCHEMA,
+    SAMPLE,
+    quarantined_samples,
+)
+from pipeline.storage import write_bytes
 
 
 class WriteStage:
@@ -38,7 +45,8 @@ class WriteStage:
         for row in batch.to_pylist():
             if row["kind"] == END:
                 records.append({"kind": END, "shard_id": row["shard_id"], "total": row["total"],
-                                "source_url": row["source_url"], "source_fingerprint": row["source_fingerprint"]})
+                                "samples": row["samples"], "source_url": row["source_url"],
+                                "source_fingerprint": row["source_fingerprint"]})
             else:
                 by_shard[row["shard_id"]].append(row)
         for shard_id, rows in by_shard.items():
@@ -55,7 +63,8 @@ class WriteStage:
             if quarantined:
                 written = self._write_file(QUARANTINE_DIR, shard_id, "parquet", parquet_bytes(
                     encode_quarantine_table(quarantined)))
-                records.append({"kind": QUARANTINE, "shard_id": shard_id, **written.__dict__})
+                records.append({"kind": QUARANTINE, "shard_id": shard_id, **written.__dict__,
+                                "samples": sum(quarantined_samples(r) for r in quarantined)})
         return pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
 
     def _write_samples(self, shard_id: str, samples: list[dict[str, Any]]) -> WrittenFile:
@@ -67,8 +76,6 @@ class WriteStage:
 
     def _write_file(self, folder: str, shard_id: str, extension: str, data: bytes, rows: int | None = None) -> WrittenFile:
         relative = f"{folder}/{shard_id}.{self.run_id}-{secrets.token_hex(4)}.{extension}"
-        fs, root = filesystem_for(self.output_dir, self.storage_options)
-        fs.makedirs(f"{root}/{folder}", exist_ok=True)
-        fs.pipe_file(f"{root}/{relative}", data)
+        write_bytes(f"{self.output_dir}/{relative}", data, self.storage_options)  # fsynced before any commit
         return WrittenFile(path=relative, rows=rows if rows is not None else parquet_rows(data),
                            bytes=len(data), sha256=sha256_hex(data))

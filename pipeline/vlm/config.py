@@ -6,7 +6,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pipeline.config import Config, RayConfig, StorageConfig, require
-from pipeline.vlm.feed import DEFAULT_PROMPT, IMAGE_PLACEHOLDER
+
+# Here, not in pipeline.vlm.feed, so the config (and --help) loads without torch.
+IMAGE_PLACEHOLDER = "<image>"
+DEFAULT_PROMPT = "USER: <image>\nDescribe the image. ASSISTANT: "
 
 
 @dataclass(kw_only=True)

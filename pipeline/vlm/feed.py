@@ -28,9 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.loader.collate import pad_collate
+from pipeline.vlm.config import DEFAULT_PROMPT, IMAGE_PLACEHOLDER
 
-IMAGE_PLACEHOLDER = "<image>"
-DEFAULT_PROMPT = "USER: <image>\nDescribe the image. ASSISTANT: "
 NEWLINE = -1  # layout slot that holds model.image_newline
 IGNORE_INDEX = -100
 

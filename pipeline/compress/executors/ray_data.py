@@ -19,7 +19,7 @@ import torch
 from pipeline.compress.plan import RunPlan
 from pipeline.config import CompressConfig
 from pipeline.output.format import STORAGE_NUMPY
-from pipeline.ray_train.cluster import init_ray
+from pipeline.ray_train.cluster import init_ray, require_actor_resources
 from pipeline.sources import ShardRef
 from pipeline.stages.decode import decode_shard
 from pipeline.stages.encode_select import EncodeSelectStage
@@ -97,10 +97,15 @@ def _write(batch: pa.Table, cfg: CompressConfig, output_dir: str, run_id: str,
 def run_ray(plan: RunPlan, metadata: dict[str, Any]) -> Iterator[dict[str, Any]]:
     cfg = plan.config
     init_ray(cfg.ray.address)
+    require_actor_resources(cfg.ray)  # before any work: an unsatisfiable request ends here, naming the setting
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.verbose_stats_logs = False
     context.max_errored_blocks = 0
+    # ray.max_retries covers a task's own errors too (an object store failing past its client's retries), not
+    # only a lost worker: Ray Data retries those in the task, and only when told to.
+    context.max_map_retries = cfg.ray.max_retries
+    context.retried_map_errors = True
     warn_if_actors_starve_decoding(cfg, ray.cluster_resources().get("CPU", 0.0))
     shards = ray.data.from_items([{"shard": dataclasses.asdict(s)} for s in plan.todo],
                                  override_num_blocks=max(1, len(plan.todo)))

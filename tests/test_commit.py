@@ -1,0 +1,101 @@
+"""The commit protocol's markers: durable, idempotent, and a marker that does not parse never trusted."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from job_runs import FAST_COMPRESS, input_keys, referenced_files
+
+from pipeline.compress.run import run_compress
+from pipeline.config import CompressConfig, CorpusConfig, JobError, load_config
+from pipeline.corpus import write_corpus
+from pipeline.output.commit import COMMITTED_DIR, CORRUPT_DIR, list_committed
+from pipeline.output.gc import GcConfig, find_orphans, run_gc
+from pipeline.output.manifest import read_manifest
+from pipeline.storage import TMP_SUFFIX
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("corpus")
+    write_corpus(CorpusConfig(output=str(root), n=6, shard_size=3, heldout_fraction=0.0, seed=4, image_size=64))
+    return root / "train"
+
+
+def compress(corpus: Path, output: Path, *overrides: str) -> dict:
+    return run_compress(load_config(CompressConfig, None, [f"input.path={corpus}", f"output.path={output}",
+                                                           "executor=local", *FAST_COMPRESS, *overrides]))
+
+
+@pytest.mark.parametrize("torn", [b"", b'{"shard_id": "shard-0000', b"\x00" * 64])
+def test_a_torn_marker_is_named_set_aside_and_its_shard_redone(torn, corpus, tmp_path, caplog):
+    out = tmp_path / "out"
+    first = compress(corpus, out)
+    markers = sorted((Path(first["output"]) / COMMITTED_DIR).glob("*.json"))
+    markers[0].write_bytes(torn)  # what a crash before fsync, or a foreign tool, leaves
+
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        dry = compress(corpus, out, "dry_run=true")
+        assert len(dry["todo"]) == 1
+        orphans = run_gc(GcConfig(path=str(out), grace_hours=0))  # neither trusts nor fails on it
+    assert any(str(markers[0]) in r.getMessage() and "does not parse" in r.getMessage() for r in caplog.records)
+    # The torn marker's files are referenced by nothing any more: gc sees them, and only them, as orphans.
+    assert orphans["orphans"] >= 1 and all(markers[0].name.split(".")[0] in url for url in orphans["files"])
+
+    rerun = compress(corpus, out)
+    assert rerun["shards_processed"] == 1 and rerun["shards_skipped"] == 1
+    aside = list((Path(first["output"]) / COMMITTED_DIR / CORRUPT_DIR).iterdir())
+    assert len(aside) == 1 and aside[0].read_bytes() == torn
+    assert len(list_committed(first["output"], {})) == 2
+    assert sum(s.rows + s.quarantined for s in list_committed(first["output"], {}).values()) == \
+        len(input_keys(str(corpus)))
+    assert {e["path"] for e in read_manifest(first["output"])} <= referenced_files(first["output"])
+
+
+def test_disk_full_names_the_path_and_gc_lists_the_temporary_files(corpus, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    first = compress(corpus, out)
+    from pipeline import storage
+    real_fsync, calls = storage.os.fsync, []
+
+    def fsync_until_full(fd):
+        calls.append(fd)
+        if len(calls) > 3:  # the disk fills after a few writes, leaving a temporary file as a crash would
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(storage.os, "fsync", fsync_until_full)
+    monkeypatch.setattr(storage, "_unlink_quietly", lambda path: None)  # as if killed before cleaning up
+    with pytest.raises((JobError, OSError), match=r"no space left on device \(ENOSPC\)") as failed:
+        compress(corpus, out, "selector.ratio=0.25")
+    message = str(failed.value)
+    assert str(out) in message and "\n" not in message
+    monkeypatch.undo()
+
+    leftovers = sorted(p for p in out.rglob(f".*{TMP_SUFFIX}"))
+    assert leftovers
+    orphans = find_orphans(GcConfig(path=str(out), grace_hours=0))
+    assert {o.url for o in orphans} >= {str(p) for p in leftovers}
+    assert json.loads((Path(first["output"]) / "_config.json").read_text())  # the first output is untouched
+
+
+def test_gc_repair_rebuilds_the_index_and_manifest_from_every_marker(corpus, tmp_path):
+    out = tmp_path / "out"
+    first = compress(corpus, out)
+    output_dir = Path(first["output"])
+    manifest_before = (output_dir / "manifest.parquet").read_bytes()
+    (output_dir / "_committed_index.parquet").write_bytes(b"not parquet")  # a damaged cache
+    (output_dir / COMMITTED_DIR / "stray.0000000000.json").write_bytes(b"{")
+
+    summary = run_gc(GcConfig(path=str(out), grace_hours=24, repair=True))
+
+    assert summary["repaired"] == [{"output": str(output_dir), "markers": 2, "corrupt": 1, "shards": 2}]
+    assert (output_dir / "manifest.parquet").read_bytes() == manifest_before
+    assert [p.name.split(".json")[0] for p in (output_dir / COMMITTED_DIR / CORRUPT_DIR).iterdir()] == \
+        ["stray.0000000000"]
+    rerun = compress(corpus, out)  # reads the rebuilt index: nothing to do, the manifest unchanged
+    assert rerun["shards_processed"] == 0 and (output_dir / "manifest.parquet").read_bytes() == manifest_before
