@@ -12,6 +12,7 @@ import uuid
 
 import boto3
 import pytest
+import ray
 import torch
 from moto.server import ThreadedMotoServer
 
@@ -71,3 +72,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A private in-process Ray cluster for the module's tests (never a cluster another process on this host started)."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import logging
 import json
 import shutil
 import tarfile
@@ -14,7 +15,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 import webdataset as wds
 from job_runs import run_job, summary_of
@@ -44,13 +44,6 @@ def corpus(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("corpus")
     write_corpus(CorpusConfig(output=str(root), n=20, shard_size=4, heldout_fraction=0.2, seed=3))
     return root / "train"
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
 
 
 def config(input_path, output_path, *overrides: str) -> CompressConfig:
@@ -357,7 +350,7 @@ def test_a_job_prints_the_library_progress_lines_on_stderr_and_its_summary_last(
     lines = proc.stderr.splitlines()
     assert lines[0].startswith("[compress] resolved config: ")
     assert any(line.startswith("[compress] output ") and "| to do 4 |" in line for line in lines)
-    assert any(line.startswith("[compress] shards 4/4 | images 16 ") for line in lines)
+    assert any(line.startswith("[compress] shards 4/4 | images 16 ") and line.endswith("| done") for line in lines)
     assert summary_of(proc)["status"] == "ok" and summary_of(proc)["shards_processed"] == 4
 
 
@@ -462,3 +455,25 @@ def test_hostile_tar_keys_give_the_same_rows_for_both_output_formats(hostile_inp
     assert sorted(keys) == sorted(r["key"] for r in stored_rows(parquet["output"]))
     for field in ("images", "quarantined", "input_samples"):
         assert parquet[field] == webdataset[field]
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_progress_comes_every_interval_from_inside_shards_with_rate_and_eta(tmp_path, executor, caplog, request):
+    if executor == "ray":
+        request.getfixturevalue("ray_cluster")
+    root = tmp_path / "corpus"
+    write_corpus(CorpusConfig(output=str(root), n=64, shard_size=32, heldout_fraction=0.0, seed=5, image_size=128))
+    caplog.set_level(logging.INFO, logger="pipeline")
+    summary = run_compress(config(root / "train", tmp_path / "out", f"executor={executor}", "encoder.batch_size=4",
+                                  "progress_interval_s=0.3"))
+    assert summary["images"] == 64
+    lines = [r for r in caplog.records if r.name == "pipeline.compress.progress"]
+    *ticks, last = lines
+    assert last.getMessage().startswith("[compress] shards 2/2 | images 64 (") and last.getMessage().endswith("| done")
+    assert len(ticks) >= 2 and all(" ETA " in r.getMessage() and "/s) |" in r.getMessage() for r in ticks)
+    # Lines while no shard had committed yet, counting images encoded inside the shards.
+    assert any(r.getMessage().startswith("[compress] shards 0/2 | images ") and
+               not r.getMessage().startswith("[compress] shards 0/2 | images 0 ") for r in ticks)
+    assert any(r.getMessage().split(" | ")[-1] not in ("ETA ?",) for r in ticks)
+    gaps = [b.created - a.created for a, b in zip(ticks, ticks[1:])]
+    assert max(gaps) < 0.3 * 4  # one line per interval (a loaded machine may delay a tick)

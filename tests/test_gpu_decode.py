@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 import torch
 from PIL import Image
 from transformers import (
@@ -298,13 +297,6 @@ def test_cuda_decode_without_a_gpu_falls_back_to_the_cpu_with_a_note(mixed_shard
 
 def rows_by_key(output: str) -> dict[str, dict]:
     return {row["key"]: {k: v for k, v in row.items() if k != "source_shard"} for row in stored_rows(output)}
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
 
 
 def test_ray_actor_without_nvjpeg_decodes_the_jpeg_bytes_on_the_cpu(mixed_shard, tmp_path, ray_cluster):

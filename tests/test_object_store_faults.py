@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 from fault_proxy import FaultProxy
 from job_runs import FAST_COMPRESS, input_keys
 
@@ -40,13 +39,6 @@ def corpus(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("corpus")
     write_corpus(CorpusConfig(output=str(root), n=9, shard_size=3, heldout_fraction=0.0, seed=11, image_size=64))
     return root / "train"
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
 
 
 def upload(corpus: Path, bucket: str, options: dict) -> str:
@@ -120,7 +112,7 @@ def test_local_executor_under_s3_faults(name, corpus, s3_bucket, s3_server, s3_o
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["put_reset_after_15", "mixed_25"])
-def test_ray_executor_under_s3_faults(name, corpus, s3_bucket, s3_server, s3_options, ray_local):
+def test_ray_executor_under_s3_faults(name, corpus, s3_bucket, s3_server, s3_options, ray_cluster):
     run_scenario(name, "ray", corpus, s3_bucket, s3_server, s3_options, seed=2)
 
 
@@ -149,7 +141,7 @@ def test_a_lost_marker_response_still_counts_as_committed(tmp_path, s3_bucket, s
 def test_a_short_input_read_fails_the_run_naming_the_url_and_is_never_quarantined(
         executor, corpus, s3_bucket, s3_server, s3_options, request):
     if executor == "ray":
-        request.getfixturevalue("ray_local")
+        request.getfixturevalue("ray_cluster")
     input_url = upload(corpus, s3_bucket, s3_options)
     expected = input_keys(input_url, s3_options)
     output_url = f"s3://{s3_bucket}/out"
@@ -171,7 +163,7 @@ def test_a_short_input_read_fails_the_run_naming_the_url_and_is_never_quarantine
 
 
 @pytest.mark.slow
-def test_ray_write_tasks_are_retried_as_ray_max_retries_says(corpus, s3_bucket, s3_server, s3_options, ray_local):
+def test_ray_write_tasks_are_retried_as_ray_max_retries_says(corpus, s3_bucket, s3_server, s3_options, ray_cluster):
     fs, _ = filesystem_for(f"s3://{s3_bucket}", s3_options)
     tar = min(corpus.glob("*.tar"))
     fs.put_file(str(tar), f"{s3_bucket}/in/{tar.name}")  # one shard, one write task

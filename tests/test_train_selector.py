@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import ray
 
 from pipeline.config import (
     CONF_DIR,
@@ -47,13 +46,6 @@ def test_training_on_the_corpus_lowers_the_loss_and_the_reconstruction_error(cor
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["loss"] < 0.7 * logged[0]["loss"]
     assert logged[-1]["recon_error"] < 0.7 * logged[0]["recon_error"]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
 
 
 def metric_steps(output: Path) -> list[int]:

@@ -13,7 +13,7 @@ from typing import Any
 from pipeline import __version__
 from pipeline.compress.executors import run_stages
 from pipeline.compress.plan import RunPlan, plan_compress
-from pipeline.compress.progress import ProgressReporter
+from pipeline.compress.progress import LiveProgress, ProgressReporter
 from pipeline.compress.shard_committer import ShardCommitter
 from pipeline.config import CompressConfig, JobError
 from pipeline.encoders import VisionEncoder
@@ -21,7 +21,6 @@ from pipeline.output.commit import by_source, load_markers, write_marker_index
 from pipeline.output.format import format_metadata
 from pipeline.output.manifest import current_shards, write_manifest
 from pipeline.stages.encode_select import Models
-from pipeline.stages.records import END
 from pipeline.storage import DiskFullError, InputReadError, absolute_url, write_bytes
 
 log = logging.getLogger(__name__)
@@ -130,14 +129,14 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
         raise JobError(f"output {plan.output_dir} is not writable: {exc}") from None
     committer = ShardCommitter(plan.output_dir, plan.run_id, storage_options)
     if plan.todo:
-        progress = ProgressReporter(len(plan.todo), cfg.progress_interval_s)
+        live = LiveProgress()
         try:
-            for record in run_stages(plan, _file_metadata(plan, dim), models):
-                if committer.observe(record) is not None or record["kind"] == END:
-                    progress.update(committer.totals)
+            with ProgressReporter(len(plan.todo), sum(s.size for s in plan.todo), cfg.progress_interval_s, live,
+                                  committer.totals):
+                for record in run_stages(plan, _file_metadata(plan, dim), live, models):
+                    committer.observe(record)
         except (InputReadError, DiskFullError) as exc:
             raise JobError(f"{_root_cause(exc)} ({_unfinished(committer, plan)})") from None
-        progress.update(committer.totals, force=True)
         if committer.unfinished():
             raise JobError(f"shards not fully written: {', '.join(committer.unfinished())}; rerun to finish them")
     fingerprints_now = {s.shard_id: s.fingerprint for s in plan.shards}

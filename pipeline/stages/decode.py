@@ -74,7 +74,7 @@ def decode_shard(shard: ShardRef, cfg: CompressConfig) -> Iterator[dict[str, Any
         if problem:
             yield decoded_row(kind=QUARANTINE, shard_id=shard.shard_id, key=item.key, reason=problem, samples=1)
             continue
-        sample = {"kind": SAMPLE, "shard_id": shard.shard_id, "key": item.key,
+        sample = {"kind": SAMPLE, "shard_id": shard.shard_id, "key": item.key, "source_bytes": len(item.image or b""),
                   "caption": item.meta.get("caption"), "json": item.meta.get("json")}
         size = jpeg_size_for_gpu(item.image, cfg.decode) if jpegs_to_gpu else None
         if size is not None and size_problem(size, cfg) is None:

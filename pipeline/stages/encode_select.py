@@ -12,7 +12,7 @@ import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +27,7 @@ from pipeline.sources.decode import DecodeError
 from pipeline.stages.decode import decode_on_cpu
 from pipeline.stages.gpu_decode import decode_jpegs, gpu_decode_requested, load_nvjpeg
 from pipeline.stages.kept_tokens import KeptTokens, encode_tiles, gather_kept, per_image
-from pipeline.stages.records import ENCODED_SCHEMA, QUARANTINE, SAMPLE, batches
+from pipeline.stages.records import ENCODED_SCHEMA, QUARANTINE, SAMPLE, EncodedCounts, batches
 from pipeline.timeline import record
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ class EncodeSelectStage:
         self.staging_stream = torch.cuda.Stream(self.device) if on_gpu else None
         self.gather_stream = torch.cuda.Stream(self.device) if on_gpu else None
         self.samples_seen = 0
+        self.on_encoded: Callable[[EncodedCounts], None] | None = None  # live progress, set by the executor
         self._stage_pool: ThreadPoolExecutor | None = None  # for __call__, made on first use
         self._warm_up()
 
@@ -191,6 +192,11 @@ class EncodeSelectStage:
         """The batch as ENCODED_SCHEMA rows: samples with their kept tokens (columns built on the host buffers,
         not copied), then the other rows. Host work only: any thread may do it."""
         others = [row for row in staged.rows if row["kind"] != SAMPLE]
+        if self.on_encoded is not None:
+            self.on_encoded(EncodedCounts(
+                images=len(staged.samples), tokens_full=sum(staged.tile_counts) * self.encoder.tokens_per_tile,
+                tokens_kept=int(kept.n_kept.sum()) if kept is not None else 0,
+                source_bytes=sum(row["source_bytes"] or 0 for row in staged.samples)))
         tables = [pa.Table.from_pylist(others, schema=ENCODED_SCHEMA)]
         for images, token_columns in kept.arrow_columns() if kept is not None else ():
             samples = staged.samples[images]

@@ -10,6 +10,7 @@ stage returns one :data:`DATA` or :data:`QUARANTINE` record per file it wrote an
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
@@ -24,7 +25,7 @@ DECODED_SCHEMA = pa.schema([
     ("width", pa.int32()), ("height", pa.int32()), ("pixels", pa.binary()), ("n_tiles", pa.int32()),
     ("grid_rows", pa.int32()), ("grid_cols", pa.int32()), ("caption", pa.string()), ("json", pa.string()),
     ("reason", pa.string()), ("total", pa.int64()), ("source_url", pa.string()), ("source_fingerprint", pa.string()),
-    ("image", pa.binary()), ("samples", pa.int64()),
+    ("image", pa.binary()), ("samples", pa.int64()), ("source_bytes", pa.int64()),
 ])
 ENCODED_SCHEMA = pa.schema(
     [f for f in DECODED_SCHEMA if f.name not in ("pixels", "n_tiles", "image")]
@@ -60,3 +61,17 @@ def batches(rows: Iterable[dict[str, Any]], batch_size: int) -> Iterator[list[di
             batch, samples = [], 0
     if batch:
         yield batch
+
+
+@dataclass
+class EncodedCounts:
+    """What the encode stage has done: for live progress, not for accounting (a retried call counts twice)."""
+
+    images: int = 0
+    tokens_full: int = 0
+    tokens_kept: int = 0
+    source_bytes: int = 0  # the encoded images' bytes as read from the input
+
+    def add(self, other: EncodedCounts) -> None:
+        for field in fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))

@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator
 
 from pipeline.compress.plan import RunPlan
+from pipeline.compress.progress import LiveProgress
 from pipeline.config import CompressConfig
 from pipeline.sources import ShardRef
 from pipeline.stages.decode import decode_shard
@@ -38,9 +39,11 @@ ROW_CHUNK = 32
 WRITE_THREADS = 4
 
 
-def run_local(plan: RunPlan, metadata: dict[str, Any], models: Models | None = None) -> Iterator[dict[str, Any]]:
+def run_local(plan: RunPlan, metadata: dict[str, Any], live: LiveProgress,
+              models: Models | None = None) -> Iterator[dict[str, Any]]:
     cfg = plan.config
     encode = EncodeSelectStage(cfg, models)
+    encode.on_encoded = live.add
     if gpu_decode_requested(cfg) and not encode.decodes_jpegs_on_gpu:
         # The stage logged why; the decode threads then decode every image, in parallel.
         cfg = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, device="cpu"))

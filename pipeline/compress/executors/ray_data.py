@@ -7,9 +7,11 @@ the driver, which commits. Retries are finite and explicit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import threading
 from typing import Any, Iterator
 
 import pyarrow as pa
@@ -17,12 +19,14 @@ import ray
 import torch
 
 from pipeline.compress.plan import RunPlan
+from pipeline.compress.progress import LiveProgress
 from pipeline.config import CompressConfig
 from pipeline.output.format import STORAGE_NUMPY
 from pipeline.ray_train.cluster import init_ray, require_actor_resources
 from pipeline.sources import ShardRef
 from pipeline.stages.decode import decode_shard
 from pipeline.stages.encode_select import EncodeSelectStage
+from pipeline.stages.records import EncodedCounts
 from pipeline.stages.write import WriteStage
 
 log = logging.getLogger(__name__)
@@ -31,6 +35,8 @@ log = logging.getLogger(__name__)
 # task holds (reckoned as if every token were kept).
 WRITE_BATCH_ROWS = 512
 WRITE_BATCH_BYTES = 256 * 2**20
+# How often the driver reads the encode actors' counts (at most; more often when progress_interval_s is shorter).
+PROGRESS_POLL_S = 2.0
 
 
 def encoder_threads(cfg: CompressConfig, node_cpus: int) -> int | None:
@@ -53,11 +59,46 @@ def encoder_runtime_env(cfg: CompressConfig) -> dict[str, Any] | None:
 class EncodeActor(EncodeSelectStage):
     """:class:`EncodeSelectStage` with its torch threads set for the actor before the encoder loads."""
 
-    def __init__(self, cfg: CompressConfig) -> None:
+    def __init__(self, cfg: CompressConfig, counter: ray.actor.ActorHandle) -> None:
         threads = encoder_threads(cfg, len(os.sched_getaffinity(0)))
         if threads is not None:
             torch.set_num_threads(threads)
         super().__init__(cfg)
+        self.on_encoded = lambda counts: counter.add.remote(counts)
+
+
+@ray.remote(num_cpus=0)
+class ProgressCounter:
+    """The encode actors' counts, gathered for the driver's progress lines."""
+
+    def __init__(self) -> None:
+        self.counts = EncodedCounts()
+
+    def add(self, counts: EncodedCounts) -> None:
+        self.counts.add(counts)
+
+    def snapshot(self) -> EncodedCounts:
+        return self.counts
+
+
+@contextlib.contextmanager
+def polled_into(live: LiveProgress, interval_s: float) -> Iterator[ray.actor.ActorHandle]:
+    """A :class:`ProgressCounter` whose counts a driver thread copies into ``live`` every ``interval_s``."""
+    counter = ProgressCounter.remote()
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(interval_s):
+            live.replace(ray.get(counter.snapshot.remote()))
+
+    thread = threading.Thread(target=poll, name="progress-poll", daemon=True)
+    thread.start()
+    try:
+        yield counter
+    finally:
+        stop.set()
+        thread.join()
+        ray.kill(counter)
 
 
 def actor_batch_rows(cfg: CompressConfig) -> int:
@@ -94,7 +135,7 @@ def _write(batch: pa.Table, cfg: CompressConfig, output_dir: str, run_id: str,
     return WriteStage(cfg, output_dir, run_id, metadata)(batch)
 
 
-def run_ray(plan: RunPlan, metadata: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def run_ray(plan: RunPlan, metadata: dict[str, Any], live: LiveProgress) -> Iterator[dict[str, Any]]:
     cfg = plan.config
     init_ray(cfg.ray.address)
     require_actor_resources(cfg.ray)  # before any work: an unsatisfiable request ends here, naming the setting
@@ -111,9 +152,16 @@ def run_ray(plan: RunPlan, metadata: dict[str, Any]) -> Iterator[dict[str, Any]]
                                  override_num_blocks=max(1, len(plan.todo)))
     decoded = shards.flat_map(_decode, fn_kwargs={"cfg": cfg}, num_cpus=cfg.ray.decode_num_cpus,
                               max_retries=cfg.ray.max_retries)
+    with polled_into(live, min(cfg.progress_interval_s, PROGRESS_POLL_S)) as counter:
+        yield from _run_dataset(plan, metadata, decoded, counter)
+
+
+def _run_dataset(plan: RunPlan, metadata: dict[str, Any], decoded: ray.data.Dataset,
+                 counter: ray.actor.ActorHandle) -> Iterator[dict[str, Any]]:
+    cfg = plan.config
     encoded = decoded.map_batches(
         EncodeActor,
-        fn_constructor_args=(cfg,),
+        fn_constructor_args=(cfg, counter),
         batch_size=actor_batch_rows(cfg),
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=cfg.ray.num_actors_min, max_size=cfg.ray.num_actors_max),
