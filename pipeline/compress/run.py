@@ -14,7 +14,7 @@ from pipeline import __version__
 from pipeline.compress.executors import run_stages
 from pipeline.compress.plan import RunPlan, plan_compress
 from pipeline.compress.progress import LiveProgress, ProgressReporter
-from pipeline.compress.shard_committer import ShardCommitter
+from pipeline.compress.shard_committer import RunTotals, ShardCommitter
 from pipeline.config import CompressConfig, JobError
 from pipeline.encoders import VisionEncoder
 from pipeline.output.commit import by_source, load_markers, write_marker_index
@@ -110,12 +110,8 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
         models = None  # the actors load their own; this copy only named them
     log.info(f"[compress] output {plan.output_dir} | shards {len(plan.shards)} | to do {len(plan.todo)} "
              f"| already committed {plan.skipped}")
-    summary: dict[str, Any] = {
-        "output": plan.output_dir, "cfg_hash": plan.cfg_hash, "shards_total": len(plan.shards),
-        "shards_processed": 0, "shards_skipped": plan.skipped, "shards_lost_race": 0, "images": 0, "quarantined": 0,
-        "input_samples": 0,
-        "tokens_full": 0, "tokens_kept": 0, "bytes_written": 0,
-    }
+    summary: dict[str, Any] = {"output": plan.output_dir, "cfg_hash": plan.cfg_hash, "shards_total": len(plan.shards),
+                               "shards_skipped": plan.skipped, **dataclasses.asdict(RunTotals())}
     if cfg.dry_run:
         for shard in plan.todo:
             log.info(f"[compress] to do: {shard.shard_id} {shard.url}")
@@ -149,9 +145,7 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     totals = committer.totals
     wall_s = time.monotonic() - started
     summary.update(
-        shards_processed=totals.shards_processed, shards_lost_race=totals.shards_lost_race, images=totals.images,
-        input_samples=totals.input_samples, quarantined=totals.quarantined,
-        tokens_full=totals.tokens_full, tokens_kept=totals.tokens_kept, bytes_written=totals.bytes_written,
+        dataclasses.asdict(totals),
         kept_fraction=round(totals.tokens_kept / totals.tokens_full, 4) if totals.tokens_full else None,
         images_per_s=round(totals.images / wall_s, 2), wall_s=round(wall_s, 3),
     )
