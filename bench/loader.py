@@ -1,12 +1,15 @@
 """Loader throughput: PrunedTokenDataset + pad_collate against a plain ``pyarrow.parquet.read_table``.
 
-``python -m bench.loader [--rows N] [--repeats R]``: writes a fixture output (float16, 64-200 kept tokens x 192
-dims per row, zstd, row groups of 256), then times on the same warm files, in one run and interleaved:
+``python -m bench.loader [--rows N] [--dim D] [--kept LO,HI] [--repeats R]``: writes a fixture output (float16,
+100-400 kept tokens x 1024 dims per row by default, as a CLIP ViT-L output keeps them: about 0.5 MB a row; row
+groups of 256, ``output.row_group_size``'s default), then times on the same warm files, interleaved:
 
 * ``read_table`` of every data file with the columns the loader reads (pyarrow's thread pool, and one thread);
-* one epoch of the loader (shuffle buffer 1024, batches of 32 padded to the longest, float32) in the main
-  process with one torch thread, as in a DataLoader worker, and through a DataLoader with 2 workers;
-* the same in the stored float16 (``tokens_dtype``), which skips the widening.
+* one epoch of the loader (its default shuffle window in bytes, batches of 32 padded to the longest, float32) in
+  the main process with one torch thread, as in a DataLoader worker, and through a DataLoader with 2 workers;
+* the same in the stored float16 (``tokens_dtype=None``: cast on the device), with 0 and 2 workers.
+
+``python -m bench.peers`` compares the loader with HF ``datasets``, MosaicML Streaming, WebDataset and LitData.
 
 Best of ``R`` rounds; wall and CPU seconds. Prints a JSON line last and writes ``bench/results/loader.json``.
 """
@@ -54,8 +57,8 @@ def read_table_all(root: str, use_threads: bool) -> dict:
     return {"rows": rows, "tokens": tokens}
 
 
-def loader_epoch(root: str, num_workers: int, batch_size: int, tokens_dtype: torch.dtype = torch.float32) -> dict:
-    dataset = PrunedTokenDataset(root, shuffle_buffer=1024, tokens_dtype=tokens_dtype)
+def loader_epoch(root: str, num_workers: int, batch_size: int, tokens_dtype: torch.dtype | None = torch.float32) -> dict:
+    dataset = PrunedTokenDataset(root, tokens_dtype=tokens_dtype)
     loader = PrunedTokenLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     rows = tokens = 0
     for batch in loader:
@@ -66,8 +69,10 @@ def loader_epoch(root: str, num_workers: int, batch_size: int, tokens_dtype: tor
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.loader")
-    parser.add_argument("--rows", type=int, default=4000)
-    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=1000)
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--kept", default="100,400")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
@@ -76,15 +81,17 @@ def main() -> None:
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         root = f"{tmp}/tiny/bench"
-        write_output(root, [args.rows // args.shards] * args.shards, row_group_size=256, kept=(64, 200),
-                     meta=fixture_meta(dtype="float16", dim=192, side=24))
+        kept = tuple(int(v) for v in args.kept.split(","))
+        write_output(root, [args.rows // args.shards] * args.shards, row_group_size=256, kept=kept,
+                     meta=fixture_meta(dtype="float16", dim=args.dim, side=32))
         read_table_all(root, use_threads=True)  # warm the page cache
         best = best_of_interleaved(args.repeats, {
             "pyarrow_read_table": lambda: read_table_all(root, use_threads=True),
             "pyarrow_read_table_1thread": lambda: read_table_all(root, use_threads=False),
             "loader": lambda: loader_epoch(root, 0, args.batch_size),
             "loader_2workers": lambda: loader_epoch(root, 2, args.batch_size),
-            "loader_float16": lambda: loader_epoch(root, 0, args.batch_size, torch.float16),
+            "loader_float16": lambda: loader_epoch(root, 0, args.batch_size, None),
+            "loader_float16_2workers": lambda: loader_epoch(root, 2, args.batch_size, None),
         })
     assert len({(r["rows"], r["tokens"]) for r in best.values()}) == 1, "variants read different data"
     results = {
@@ -97,13 +104,14 @@ def main() -> None:
         return round(results[name]["samples_per_s"] / results[baseline]["samples_per_s"], 3)
 
     summary = {
-        "rows": best["loader"]["rows"], "kept_tokens": best["loader"]["tokens"], "dim": 192, "dtype": "float16",
+        "rows": best["loader"]["rows"], "kept_tokens": best["loader"]["tokens"], "dim": args.dim, "dtype": "float16",
         "batch_size": args.batch_size, "cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
         "results": results,
         "loader_vs_pyarrow": ratio("loader", "pyarrow_read_table"),
         "loader_vs_pyarrow_1thread": ratio("loader", "pyarrow_read_table_1thread"),
         "loader_2workers_vs_pyarrow": ratio("loader_2workers", "pyarrow_read_table"),
         "loader_float16_vs_pyarrow": ratio("loader_float16", "pyarrow_read_table"),
+        "loader_float16_2workers_vs_pyarrow": ratio("loader_float16_2workers", "pyarrow_read_table"),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(summary, indent=1) + "\n")

@@ -4,11 +4,15 @@
 
 For each size N: a moto S3 server (in this process) behind the loopback proxy of ``tests/fault_proxy.py``
 with ``latency-ms`` added to every request; N input shards and N committed markers fabricated straight into
-moto's backend (as a previous run would have left them, with its manifest and marker index), plus one new
+moto's backend (as a previous run would have left them, with its manifest, marker index and key index), plus one new
 input shard. Then, through the proxy: ``--dry-run``; a nightly run that compresses the one new shard
 (planning + the manifest update timed apart from the encoding); and a dry run with the marker index gone
 (the first run after an upgrade, or after ``jobs.gc repair=true``'s full read). Requests are counted by kind
 at the proxy; the growth is a least-squares line through the sizes (seconds per 1,000 shards).
+
+moto walks and sorts the whole bucket for every ListObjectsV2 page, which S3 does not; by default the benchmark
+answers listings from a sorted index instead (``bench.moto_listing``: same pages, tested against moto's own), so
+the wall time is the client's CPU plus the injected latency. ``--moto-listing moto`` keeps moto's own.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import sys
 import tempfile
@@ -28,6 +33,7 @@ from typing import Any
 
 import boto3
 
+from bench import moto_listing
 from bench.common import machine, markdown_table, report
 from pipeline.compress import plan as plan_module
 from pipeline.compress.run import run_compress
@@ -41,7 +47,7 @@ from pipeline.output.commit import (
     marker_url,
     write_marker_index,
 )
-from pipeline.output.manifest import write_manifest
+from pipeline.output.manifest import key_hashes, write_key_index, write_manifest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from fault_proxy import FaultProxy
@@ -51,10 +57,13 @@ FAKE_AWS_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", 
                 "NO_PROXY": "127.0.0.1,localhost"}
 
 
-def _moto_backend():
-    from moto.core import DEFAULT_ACCOUNT_ID
-    from moto.s3.models import s3_backends
-    return s3_backends[DEFAULT_ACCOUNT_ID]["global"]
+LISTING_NOTE = {
+    "indexed": ("ListObjectsV2 pages answered from a sorted index (bench.moto_listing, same pages as moto's "
+                "own), as S3 answers them; moto runs in a process of its own, as S3 is another machine."),
+    "moto": ("moto (Python, in a process of its own) sorts the whole bucket for every ListObjectsV2 page, "
+             "so at 100k+ keys a page costs it seconds of CPU that S3 does not; the request counts, times the "
+             "latency, are the figure that carries over to a real store."),
+}
 
 
 def _config(endpoint: str, bucket: str, *overrides: str) -> CompressConfig:
@@ -64,15 +73,39 @@ def _config(endpoint: str, bucket: str, *overrides: str) -> CompressConfig:
         "encoder.batch_size=4", "progress_interval_s=60", *overrides])
 
 
-def fabricate(bucket: str, output_dir_key: str, n: int, new_tar: bytes) -> None:
-    """N input shards with their markers, the manifest and index a previous run left, and one new shard."""
-    backend = _moto_backend()
-    markers = {}
+class MotoProcess:
+    """moto in a process of its own (``bench.moto_listing.serve``), fed fabricated objects straight into its
+    backend."""
+
+    def __init__(self, indexed: bool) -> None:
+        from conftest import _free_port  # tests/conftest.py
+        context = multiprocessing.get_context("spawn")
+        self.port = _free_port()
+        self.commands, self.replies = context.Queue(), context.Queue()
+        self.process = context.Process(target=moto_listing.serve, daemon=True,
+                                       args=(self.port, indexed, FAKE_AWS_ENV, self.commands, self.replies))
+        self.process.start()
+        assert self.replies.get(timeout=120) == "ready"
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def put(self, bucket: str, objects: list[tuple[str, bytes]], chunk: int = 10_000) -> None:
+        for start in range(0, len(objects), chunk):
+            self.commands.put(("put", bucket, objects[start:start + chunk]))
+            self.replies.get(timeout=600)
+
+    def stop(self) -> None:
+        self.commands.put(("stop",))
+        self.process.join(timeout=60)
+
+
+def fabricate(moto: MotoProcess, bucket: str, output_dir_key: str, n: int) -> dict[str, IndexedMarker]:
+    """N input shards with their markers, as a previous run left them (its manifest and indexes are written after)."""
+    objects, markers = [], {}
     for i in range(n):
         shard_id = f"shard-{i:06d}"
         body = f"input {i}".encode()
-        key = backend.put_object(bucket, f"in/{shard_id}.tar", body)
-        fingerprint = key.etag.strip('"')
+        fingerprint = hashlib.md5(body).hexdigest()  # moto's ETag of a single-part object
+        objects.append((f"in/{shard_id}.tar", body))
         shard = CommittedShard(
             shard_id=shard_id, source_url=f"s3://{bucket}/in/{shard_id}.tar", source_fingerprint=fingerprint,
             attempt="fabricated", rows=10, tokens_full=640, tokens_kept=320, kept_histogram={"32": 10},
@@ -80,9 +113,9 @@ def fabricate(bucket: str, output_dir_key: str, n: int, new_tar: bytes) -> None:
             files=[WrittenFile(path=f"data/{shard_id}.fabricated.parquet", rows=10, bytes=1000, sha256="0" * 64)])
         payload = json.dumps(dataclasses.asdict(shard), sort_keys=True, indent=1).encode()
         name = marker_url("", shard_id, fingerprint).rsplit("/", 1)[1]
-        backend.put_object(bucket, f"{output_dir_key}/{COMMITTED_DIR}/{name}", payload)
-        markers[name] = IndexedMarker(shard, hashlib.md5(payload).hexdigest())
-    backend.put_object(bucket, "in/zz-new.tar", new_tar)
+        objects.append((f"{output_dir_key}/{COMMITTED_DIR}/{name}", payload))
+        markers[name] = IndexedMarker(shard, hashlib.md5(payload).hexdigest(), payload)
+    moto.put(bucket, objects)
     return markers
 
 
@@ -93,25 +126,24 @@ def measure(proxy: FaultProxy, action) -> tuple[float, dict[str, int], Any]:
     return time.perf_counter() - started, dict(proxy.counts), result
 
 
-def one_size(n: int, latency_s: float, new_tar: bytes, full_read_max: int) -> dict[str, Any]:
-    from conftest import _free_port  # tests/conftest.py
-    from moto.server import ThreadedMotoServer
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    upstream = f"http://127.0.0.1:{port}"
+def one_size(n: int, latency_s: float, new_tar: bytes, full_read_max: int, indexed: bool) -> dict[str, Any]:
+    moto = MotoProcess(indexed)
+    upstream = moto.url
     bucket = f"bench-{uuid.uuid4().hex[:8]}"
-    boto3.client("s3", endpoint_url=upstream).create_bucket(Bucket=bucket)
+    s3 = boto3.client("s3", endpoint_url=upstream)
+    s3.create_bucket(Bucket=bucket)
     options = {"client_kwargs": {"endpoint_url": upstream}, "anon": False}
     try:
         with FaultProxy(upstream, latency_s=latency_s) as proxy:
-            # The output prefix (cfg_hash) of this config, from a dry run on an empty bucket.
-            _moto_backend().put_object(bucket, "in/zz-new.tar", new_tar)
+            # The output prefix (cfg_hash) of this config, from a dry run on a bucket with the new shard only.
+            moto.put(bucket, [("in/zz-new.tar", new_tar)])
             output_dir = run_compress(_config(upstream, bucket, "dry_run=true"))["output"]
-            markers = fabricate(bucket, output_dir.split("/", 3)[3], n, new_tar)
+            markers = fabricate(moto, bucket, output_dir.split("/", 3)[3], n)
             shards = [m.shard for m in markers.values()]
             write_manifest(output_dir, shards, options)
             write_marker_index(output_dir, markers, options)
+            write_key_index(output_dir, shards, [key_hashes([f"{s.shard_id}/{j}" for j in range(s.rows)])
+                                                 for s in shards], options)
 
             row: dict[str, Any] = {"shards": n}
             wall, counts, dry = measure(proxy, lambda: run_compress(_config(proxy.url, bucket, "dry_run=true")))
@@ -148,12 +180,12 @@ def one_size(n: int, latency_s: float, new_tar: bytes, full_read_max: int) -> di
                                       "requests": dict(proxy.counts)}
 
             if n <= full_read_max:
-                _moto_backend().delete_object(bucket, f"{output_dir.split('/', 3)[3]}/_committed_index.parquet")
+                s3.delete_object(Bucket=bucket, Key=f"{output_dir.split('/', 3)[3]}/_committed_index.parquet")
                 wall, counts, _ = measure(proxy, lambda: run_compress(_config(proxy.url, bucket, "dry_run=true")))
                 row["dry_run_no_index"] = {"wall_s": round(wall, 2), "requests": counts}
             return row
     finally:
-        server.stop()
+        moto.stop()
 
 
 def slope_per_1000(xs: list[int], ys: list[float]) -> float:
@@ -173,6 +205,8 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--full-read-max", type=int, default=10000,
                         help="largest size at which the no-index dry run (every marker read) is measured")
+    parser.add_argument("--moto-listing", choices=("indexed", "moto"), default="indexed",
+                        help="answer ListObjectsV2 from a sorted index (as S3 does) or with moto's full sort per page")
     args = parser.parse_args()
     os.environ.update(FAKE_AWS_ENV)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request
@@ -182,7 +216,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_corpus(CorpusConfig(output=tmp, n=3, shard_size=3, heldout_fraction=0.0, seed=1, image_size=64))
         new_tar = next(Path(tmp, "train").glob("*.tar")).read_bytes()
-    rows = [one_size(int(n), args.latency_ms / 1000, new_tar, args.full_read_max) for n in args.shards.split(",")]
+    rows = [one_size(int(n), args.latency_ms / 1000, new_tar, args.full_read_max, args.moto_listing == "indexed")
+            for n in args.shards.split(",")]
     table = markdown_table(
         ["shards", "run", "wall s", "of which planning s", "requests"],
         [[r["shards"], name, r[key]["wall_s"], r[key].get("plan_s", ""), requests_text(r[key]["requests"])]
@@ -196,9 +231,8 @@ def main() -> None:
         fits[key] = round(slope_per_1000([r["shards"] for r in measured], [r[key]["wall_s"] for r in measured]), 3)
     body = (f"{args.latency_ms:g} ms added to every request by the loopback proxy in front of moto; markers, "
             "inputs, manifest and marker index fabricated as a previous run leaves them. Shared 2-core host "
-            "(other jobs running). moto (Python, in the benchmark's process) sorts the whole bucket for every "
-            "ListObjectsV2 page, so at 100k+ keys a page costs it seconds of CPU that S3 does not; the request "
-            "counts, times the latency, are the figure that carries over to a real store.\n\n"
+            f"(other jobs running; load average {os.getloadavg()[0]:.1f} at the end). "
+            + LISTING_NOTE[args.moto_listing] + "\n\n"
             f"{table}\n\nGrowth (least squares over the sizes, seconds per 1,000 shards): "
             + ", ".join(f"{k} {v}" for k, v in fits.items()) + ".\n")
     report("object_store", "Object store at scale (bench.object_store)", body, {"rows": rows, "fits": fits}, info)

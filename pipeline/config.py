@@ -147,6 +147,9 @@ class EncoderConfig(Config):
     batch_size: int = 32
     # torch.compile the tower.
     compile: bool = False
+    # With pretrained set, where image_mean / image_std / resize_mode come from: checkpoint (its
+    # preprocessor_config.json wins over the preset, with a warning naming both) or config (these keys as given).
+    preprocessor: Literal["checkpoint", "config"] = "checkpoint"
 
     def check(self) -> None:
         for name in ("image_size", "patch_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -232,6 +235,13 @@ class InputConfig(Config):
     folder_shard_size: int = 256
     # A larger tar member or file is quarantined unread, so one sample never takes more memory than this.
     max_member_bytes: int = 256 * 1024 * 1024
+    # The dataset root: shard ids are paths relative to it, and it (not the pattern) is the dataset's identity
+    # in cfg_hash, so a glob, a folder and a brace range over the same shards share one output prefix.
+    # Unset: the longest fixed prefix of path (up to its first glob or brace character, cut at a '/').
+    root: str | None = None
+    # A brace member that does not exist: skip (counted as missing in the summary; for nightly runs over a
+    # range that fills up) or error.
+    missing: Literal["skip", "error"] = "skip"
 
     def check(self) -> None:
         require(bool(self.path), "path", "must name a file, glob, brace pattern or folder (local or s3://)")
@@ -273,17 +283,24 @@ class SelectorConfig(Config):
     SECTION = "selector"
 
     # learned: the trained selector; none keeps every token; the rest are training-free baselines.
-    method: Literal["learned", "none", "random", "uniform", "norm", "cls_attention", "diversity"] = "learned"
+    # learned is set-aware (the trained reconstructor picks in rounds); learned_oneshot is the paper's top-k of
+    # independent keep probabilities.
+    method: Literal["learned", "learned_oneshot", "none", "random", "uniform", "norm", "cls_attention",
+                    "diversity"] = "learned"
     # The trained selector (a checkpoint folder or file; local or s3://); needed by method=learned.
     checkpoint: str | None = None
-    # threshold: keep tokens whose keep probability >= threshold; ratio: a fixed fraction; budget: a fixed count.
-    mode: Literal["threshold", "ratio", "budget"] = "threshold"
+    # threshold: keep tokens whose keep probability >= threshold; ratio: a fixed fraction; budget: a fixed count;
+    # error (learned methods only): per image, the fewest tokens whose reconstruction error is <= max_error.
+    mode: Literal["threshold", "ratio", "budget", "error"] = "threshold"
     # Keep probability a token needs in mode=threshold.
     threshold: float = 0.5
     # Fraction of tokens kept in mode=ratio.
     ratio: float = 0.5
     # Tokens kept per image in mode=budget.
     budget: int = 64
+    # mode=error: the bound on each image's reconstruction error, as a fraction of its spread (the error of
+    # rebuilding every token as the image's mean token), so it means the same for every encoder.
+    max_error: float = 0.3
     # Never keep fewer tokens than this per image.
     min_tokens: int = 1
     # Seed of the random baseline.
@@ -295,6 +312,9 @@ class SelectorConfig(Config):
         require(0.0 <= self.threshold <= 1.0, "threshold", f"must be a keep probability in [0, 1], got {self.threshold}")
         require(0.0 < self.ratio <= 1.0, "ratio", f"must be in (0, 1], got {self.ratio}")
         require(self.budget > 0, "budget", f"must be a positive integer, got {self.budget}")
+        require(0.0 < self.max_error < 1.0, "max_error", f"must be a fraction of the image's spread in (0, 1), got {self.max_error}")
+        require(self.mode != "error" or self.method in ("learned", "learned_oneshot"), "mode",
+                f"mode=error needs the trained reconstructor: method learned or learned_oneshot, got {self.method}")
         require(self.min_tokens >= 0, "min_tokens", f"must be >= 0, got {self.min_tokens}")
 
 
@@ -333,10 +353,16 @@ class OutputConfig(Config):
     path: str = "demo_output/compressed"
     # Shard format of the kept tokens.
     format: Literal["parquet", "webdataset"] = "parquet"
-    # Storage dtype of the kept tokens.
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    # Storage dtype of the kept tokens; int8 and float8_e4m3 store a float32 absmax scale per token beside them.
+    dtype: Literal["float16", "bfloat16", "float32", "int8", "float8_e4m3"] = "float16"
     # Parquet rows per row group.
     row_group_size: int = 256
+    # false (mirror): the manifest shows exactly the current input shards; a removed input's rows drop out and
+    # jobs.gc collects them. true: append-only, a removed input keeps its last committed version.
+    keep_removed_inputs: bool = False
+    # A key in two visible shards: error (the run fails naming both shards; the manifest is not updated) or
+    # keep_first (the shard first in shard-id order keeps the key; later shards' rows with it are hidden).
+    on_duplicate_key: Literal["error", "keep_first"] = "error"
 
     def check(self) -> None:
         require(bool(self.path), "path", "must name an output folder (local or s3://)")

@@ -435,6 +435,43 @@ def _natural(rng: np.random.Generator, width: int, height: int) -> tuple[Image.I
     }
 
 
+# --------------------------------------------------------------------------------------------- probe pages
+
+CODE_DIGITS = "2578"  # the probe's classes: which digit the page's code tag shows
+CODE_PAGE_SIZE = 224  # CLIP's view exactly: no crop can cut the tag off
+CODE_TAG = 16  # one patch of the tiny encoder's grid
+TAG_COLOURS = ((214, 39, 40), (31, 119, 180), (44, 160, 44), (148, 103, 189), (0, 0, 0))
+
+
+def generate_code_page(index: int, seed: int) -> CorpusSample:
+    """A sparse page (a few lines of text) with one small code tag: a digit of ``CODE_DIGITS`` on a coloured
+    ``CODE_TAG``-pixel square aligned to the patch grid, at a random place. ``meta["code"]`` is the digit's
+    class, so a probe that answers it must see that one patch; the tag's colour is drawn independently of the
+    class. The tag is among ``text_boxes``, and the text stays sparse enough that the oracle keeps it at 30%."""
+    rng = np.random.default_rng([seed, 7, index])
+    size = CODE_PAGE_SIZE
+    page = _Page(Image.new("RGB", (size, size), DOC_BACKGROUNDS[rng.integers(0, len(DOC_BACKGROUNDS))]),
+                 INK_COLOURS[rng.integers(0, len(INK_COLOURS))])
+    font_size, cells = 10, size // CODE_TAG
+    lines = int(rng.integers(2, 5))
+    text_rows = rng.choice(np.arange(1, cells - 1), size=lines, replace=False)
+    for row in text_rows:
+        line = _wrap(rng, size * rng.uniform(0.4, 0.8), font_size, 1)[0]
+        page.text((CODE_TAG * 0.5, row * CODE_TAG + 2), line, font_size)
+    free = [(r, c) for r in range(cells) for c in range(cells) if r not in set(text_rows.tolist())]
+    row, col = free[int(rng.integers(0, len(free)))]
+    code = int(rng.integers(0, len(CODE_DIGITS)))
+    x0, y0 = col * CODE_TAG, row * CODE_TAG
+    page.draw.rectangle((x0, y0, x0 + CODE_TAG - 1, y0 + CODE_TAG - 1), fill=TAG_COLOURS[rng.integers(0, len(TAG_COLOURS))])
+    page.draw.text((x0 + CODE_TAG / 2, y0 + CODE_TAG / 2), CODE_DIGITS[code], font=_font(14), fill=(255, 255, 255),
+                   anchor="mm", stroke_width=0)
+    page.box(x0, y0, x0 + CODE_TAG, y0 + CODE_TAG)
+    meta = {"family": "code_page", "code": code, "code_cell": [int(row), int(col)],
+            "text_boxes": [list(b) for b in page.boxes],
+            "density": round(text_patch_density(page.boxes, page.image.size), 4)}
+    return CorpusSample(key=f"code-{index:06d}", image=page.image, meta=meta, image_format="png")
+
+
 # --------------------------------------------------------------------------------------------- corpus
 
 

@@ -104,11 +104,12 @@ def duplicates(keys: list[str]) -> dict[str, int]:
 
 
 def attempt_files(output_dir: str, storage_options: dict | None = None) -> set[str]:
-    """Every data and quarantine file written, relative to the output dir, committed or not."""
+    """Every data and quarantine file written, relative to the output dir, committed (moved out of ``_staging/``)
+    or not."""
     fs, root = filesystem_for(output_dir, storage_options)
     fs.invalidate_cache()
     found = set()
-    for folder in ("data", "quarantine"):
+    for folder in ("data", "quarantine", "_staging"):
         if fs.exists(f"{root}/{folder}"):
             found.update(path[len(root) + 1:] for path in fs.find(f"{root}/{folder}"))
     return found

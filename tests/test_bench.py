@@ -52,6 +52,8 @@ def test_selector_overhead_counts_vitl_flops_including_attention(bench_out):
     expected_gflops = 2 * 23 * (12 * tokens * dim**2 + 2 * tokens**2 * dim) / 1e9
     assert vitl["encoder_gflops"] == pytest.approx(expected_gflops, rel=0.03)
     assert 0 < result["selector_flops_ratio_vitl336"] < result["selector_flops_ratio_vitl336_anyres"]
+    # The set-aware default (selector + reconstructor rounds) stays within 3% of the plain ViT-L/14-336 encoder.
+    assert result["selector_flops_ratio_vitl336"] < result["set_aware_flops_ratio_vitl336"] <= selector_overhead.TARGET
     assert stored(bench_out, "selector_overhead")["selector_width"] == SelectorModelConfig().width
 
 

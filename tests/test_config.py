@@ -2,7 +2,9 @@ import dataclasses
 import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -52,7 +54,7 @@ def test_preset_from_dotlist_then_field_override():
     [
         (["encoder.nope=1"], "encoder.nope: unknown key; allowed keys:"),
         (["bogus=1"], "bogus: unknown key"),
-        (["selector.mode=sometimes"], "selector.mode: got 'sometimes', expected one of 'threshold', 'ratio', 'budget'"),
+        (["selector.mode=sometimes"], "selector.mode: got 'sometimes', expected one of 'threshold', 'ratio', 'budget', 'error'"),
         (["encoder.batch_size=many"], "encoder.batch_size: got 'many', expected an integer"),
         (["dry_run=3"], "dry_run: got 3, expected true or false"),
         (["encoder=nonexistent"], "encoder: unknown preset 'nonexistent'; allowed: clip-vit-l-336"),
@@ -118,7 +120,7 @@ def test_every_job_config_builds_from_its_defaults(cls):
     ("make", "message"),
     [
         (lambda: dataclasses.replace(SelectorConfig(), mode="sometimes"),
-         "selector.mode: got 'sometimes', expected one of 'threshold', 'ratio', 'budget'"),
+         "selector.mode: got 'sometimes', expected one of 'threshold', 'ratio', 'budget', 'error'"),
         (lambda: SelectorConfig(mode="ratio", ratio=1.5), "selector.ratio: must be in (0, 1], got 1.5"),
         (lambda: dataclasses.replace(EncoderConfig(), image_size=8),
          "encoder.image_size: must be at least patch_size (16), got 8"),
@@ -132,7 +134,7 @@ def test_every_job_config_builds_from_its_defaults(cls):
         (lambda: dataclasses.replace(CompressConfig(), executor="nowhere"),
          "executor: got 'nowhere', expected one of 'ray', 'local'"),
         (lambda: EvaluateConfig(methods=["learned", "bogus"]),
-         ("methods[1]: got 'bogus', expected one of 'learned', 'none', 'random', 'uniform', 'norm', "
+         ("methods[1]: got 'bogus', expected one of 'learned', 'learned_oneshot', 'none', 'random', 'uniform', 'norm', "
           "'cls_attention', 'diversity', 'oracle'")),
         (lambda: GcConfig(grace_hours=-1), "grace_hours: must be >= 0 (hours an unreferenced file is left alone)"),
         (lambda: CorpusConfig(heldout_fraction=1.0), "heldout_fraction: got 1.0, expected a number in [0, 1)"),
@@ -148,7 +150,7 @@ def test_configs_made_in_code_are_checked_too(make, message):
     ("cls", "yaml", "overrides", "message"),
     [
         (CompressConfig, None, ["selector.mode=sometimes"],
-         "selector.mode: got 'sometimes', expected one of 'threshold', 'ratio', 'budget'"),
+         "selector.mode: got 'sometimes', expected one of 'threshold', 'ratio', 'budget', 'error'"),
         (CompressConfig, None, ["selector.ratio=1.5"], "selector.ratio: must be in (0, 1], got 1.5"),
         (TrainSelectorConfig, None, ["train.lr=-1"], "train.lr: must be positive, got -1.0"),
         # A job config's check of its sub-config's field names it in full.
@@ -227,3 +229,76 @@ def test_config_files_resolve_against_the_packaged_conf_from_any_directory(tmp_p
         assert load_config(CompressConfig, name, []).executor == "ray"
     (tmp_path / "compress.yaml").write_text("executor: local\n")  # a file here wins over the packaged one
     assert load_config(CompressConfig, "compress.yaml", []).executor == "local"
+
+
+def _leaf_fields(config, prefix=""):
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaf_fields(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", hints[f.name]
+
+
+def _other_values(hint, value):
+    """Valid-looking values other than ``value``, the first the config's checks accept is used."""
+    choices = [c for c in typing.get_args(hint) if isinstance(c, str)] if typing.get_origin(hint) is Literal else []
+    if choices:
+        return [c for c in choices if c != value]
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, int):
+        return [value + 1, value - 1, value * 2]
+    if isinstance(value, float):
+        return [value / 2, value + 0.1, value * 2]
+    if isinstance(value, list):
+        return [[*value[:-1], [7, 7]] if value and isinstance(value[0], list) else [0.25, 0.25, 0.25]]
+    return ["elsewhere/x", "s3://bucket/x"]
+
+
+def test_every_field_is_fingerprinted_or_listed_as_not_changing_the_bytes():
+    # By construction every field is in cfg_hash unless NOT_FINGERPRINTED names it; this keeps both sides true:
+    # a listed field (or the mode parameter another mode reads) leaves the hash alone, any other field moves it.
+    from pipeline.compress.plan import MODE_PARAMS, NOT_FINGERPRINTED, not_fingerprinted
+
+    base_cfg = load_config(CompressConfig, None, BASELINE + ["input.root=/data/laion", "input.path=/data/laion"])
+    base = stable_hash(output_fingerprint_payload(base_cfg, "enc-fp", "sel-fp"))
+    leaves = dict(_leaf_fields(base_cfg))
+    sections = {name.split(".")[0] for name in leaves}
+    assert all(name in leaves or name in sections for name in NOT_FINGERPRINTED), "a stale NOT_FINGERPRINTED entry"
+    assert {f"selector.{p}" for p in MODE_PARAMS.values()} <= set(leaves)
+    skipped = not_fingerprinted(base_cfg)
+    for name, hint in leaves.items():
+        section, _, leaf = name.rpartition(".")
+        for other in _other_values(hint, getattr(base_cfg if not section else getattr(base_cfg, section), leaf)):
+            try:
+                if section:
+                    changed = dataclasses.replace(base_cfg, **{section: dataclasses.replace(
+                        getattr(base_cfg, section), **{leaf: other})})
+                else:
+                    changed = dataclasses.replace(base_cfg, **{leaf: other})
+            except (ConfigError, TypeError, ValueError):
+                continue
+            moved = stable_hash(output_fingerprint_payload(changed, "enc-fp", "sel-fp")) != base
+            listed = name in skipped or section in skipped
+            assert moved != listed, (f"{name}={other!r}: " + ("changes cfg_hash but is listed as not changing the "
+                                     "bytes" if listed else "is in neither the fingerprint nor NOT_FINGERPRINTED"))
+            break
+        else:
+            assert name in skipped or section in skipped, f"no other valid value for {name} to check"
+
+
+def test_the_pattern_is_not_the_dataset_identity_but_the_compute_dtype_is():
+    def cfg_hash(*overrides):
+        return fingerprint(list(overrides))
+
+    spellings = ["input.path=/data/laion", "input.path=/data/laion/*.tar", "input.path=/data/laion/{00000..00999}.tar",
+                 "input.path=/data/laion/{00000..01999}.tar", "input.path=/data/laion/0000{0..9}.tar"]
+    assert len({cfg_hash(s) for s in spellings}) == 1
+    assert cfg_hash("input.path=/data/coyo/*.tar") != cfg_hash(spellings[0])
+    assert cfg_hash("input.path=/data/coyo/*.tar", "input.root=/data/laion") == cfg_hash(spellings[0])
+    # auto resolves to bfloat16 on GPU actors: the same as asking for it, not the same as a CPU run.
+    gpu = cfg_hash("ray.num_gpus_per_actor=1")
+    assert gpu == cfg_hash("encoder.dtype=bfloat16") != cfg_hash()
+    assert cfg_hash("decode.device=cpu") == cfg_hash("decode.device=cuda")

@@ -146,3 +146,20 @@ def test_cli_rejects_unknown_key():
     result = run_job("nn=3")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "nn" in result.stderr
+
+
+def test_code_pages_carry_one_grid_aligned_tag_whose_digit_is_the_label():
+    from pipeline.corpus import CODE_TAG, generate_code_page
+
+    pages = [generate_code_page(i, seed=0) for i in range(24)]
+    again = generate_code_page(3, seed=0)
+    assert again.image.tobytes() == pages[3].image.tobytes() and again.meta == pages[3].meta
+    assert {p.meta["code"] for p in pages} == {0, 1, 2, 3}
+    for page in pages:
+        row, col = page.meta["code_cell"]
+        tag = [col * CODE_TAG, row * CODE_TAG, (col + 1) * CODE_TAG, (row + 1) * CODE_TAG]
+        assert tag in page.meta["text_boxes"]  # the oracle counts the tag as text
+        pixels = np.asarray(page.image)[tag[1] : tag[3], tag[0] : tag[2]]
+        assert (pixels.min(-1) > 200).any()  # the white digit on the coloured tag
+        # Sparse: the oracle keeps every text patch, the tag among them, within 30% of the tokens.
+        assert page.meta["density"] < 0.3

@@ -205,6 +205,18 @@ def test_report_files_hold_rows_summary_and_tables(tmp_path):
     assert "| random | 0.700 | 0.500 | – |" in markdown
 
 
+def test_a_table_with_the_same_value_for_every_method_is_left_out():
+    from pipeline.evaluation.report import evaluation_markdown
+
+    rows = [dict(r, method=m, recon_error=r["recon_error"] + i / 10)
+            for r in sample_rows() if r["method"] == "random" for i, m in enumerate(("random", "learned", "oracle"))]
+    summary = {"images": {"document": 1}, "document_text_patch_share": 0.5, "probe_accuracy_full": 1.0,
+               "probe": {"task": "code", "train_images": 4}}
+    markdown = evaluation_markdown(rows, summary, [])
+    assert "### reconstruction error" in markdown
+    assert "### tokens kept per image" not in markdown  # ratio mode: every method keeps the same count
+
+
 def test_plots_are_written_as_png(tmp_path):
     rows = sample_rows()
     metric_names = [("text_patch_recall", "text recall"), ("recon_error", "reconstruction error")]
@@ -270,8 +282,9 @@ def test_evaluate_job_reports_every_method_and_ratio(corpus_and_checkpoint):
     rows = report["rows"]
     n_tokens = (64 // 16) ** 2
     by = {(r["family"], r["method"], r["mode"], r["keep_ratio"]): r for r in rows}
-    ratio_methods = ["learned", "oracle", "random", "uniform", "norm", "cls_attention", "diversity"]
-    assert len(rows) == 3 * (len(ratio_methods) * 3 + 1 + 1)  # (document, natural, all) x settings
+    ratio_methods = ["learned", "learned_oneshot", "oracle", "random", "uniform", "norm", "cls_attention", "diversity"]
+    # (document, natural, all) x settings: the ratios, none, and each learned method's threshold and error settings
+    assert len(rows) == 3 * (len(ratio_methods) * 3 + 1 + 2 + 2)
     for method in ratio_methods:
         for ratio in cfg.keep_ratios:
             row = by[("all", method, "ratio", ratio)]
@@ -283,6 +296,9 @@ def test_evaluate_job_reports_every_method_and_ratio(corpus_and_checkpoint):
     assert full["text_patch_recall"] == 1.0 and full["mean_kept"] == n_tokens
     assert by[("natural", "oracle", "ratio", 0.5)]["text_patch_recall"] is None  # no text to recall
     assert 0 <= by[("all", "learned", "threshold", None)]["kept_fraction"] <= 1
+    bounded = [r for r in rows if r["mode"] == "error" and r["family"] == "all"]
+    assert {r["method"] for r in bounded} == {"learned", "learned_oneshot"}
+    assert all(r["within_max_error"] >= 0.95 for r in bounded)  # the bound holds per image by construction
     assert summary["probe_accuracy_full"] == by[("all", "none", "ratio", 1.0)]["probe_accuracy"]
     assert set(summary["ratio_0.3"]["document_text_patch_recall"]) >= set(ratio_methods)
     assert len(report["images"]) == sum(summary["images"].values())

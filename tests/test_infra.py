@@ -547,8 +547,8 @@ def test_ray_has_an_upper_bound_the_installed_version_meets():
     """Ray 2.64 removes ``**ray_remote_args``, through which Ray Data (2.60) still takes ``max_restarts``,
     ``max_task_retries`` and ``max_retries``: the bound admits only releases tested here."""
     import importlib.metadata
-    import tomllib
 
+    import tomllib
     from packaging.requirements import Requirement
 
     dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]

@@ -11,12 +11,16 @@ from pruned_fixtures import encode_rows, fixture_meta, write_output
 
 from pipeline.output import format as output_format
 from pipeline.output.format import (
+    SCALES_COLUMN,
     TORCH_DTYPES,
+    decode_row_tokens,
     decode_tokens,
     decode_wds_sample,
+    dequantize,
     encode_quarantine_table,
     encode_sample_table,
     key_problem,
+    quantize,
     read_format_metadata,
     row_schema,
     samples_to_wds_tar,
@@ -25,6 +29,14 @@ from pipeline.output.format import (
 from pipeline.output.manifest import IncompleteOutputError, read_manifest
 
 DTYPES = ["float16", "bfloat16", "float32"]
+QUANTIZED = ["int8", "float8_e4m3"]
+
+
+def _expected(tokens, dtype):
+    """What a stored dtype gives back for float tokens: the cast, or the dequantized per-token quantization."""
+    if dtype in QUANTIZED:
+        return dequantize(*quantize(tokens, dtype))
+    return tokens.to(TORCH_DTYPES[dtype]).float()
 
 
 def _table(meta, n_rows=5, seed=0, with_scores=False):
@@ -118,7 +130,7 @@ def test_batches_over_the_binary_limit_split_into_record_batches(monkeypatch):
 
 def test_metadata_errors_are_clear():
     with pytest.raises(ValueError, match="dtype"):
-        fixture_meta(dtype="int8")
+        fixture_meta(dtype="int4")
     with pytest.raises(ValueError, match="not an atr output"):
         read_format_metadata(pa.schema([("key", pa.string())]))
     newer = row_schema(fixture_meta(schema_version=99))
@@ -133,21 +145,56 @@ def test_quarantine_table_keeps_reasons():
     assert table.to_pylist() == [{"key": "a", "source_shard": "s", "reason": "truncated jpeg", "samples": 1}]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", QUANTIZED)
+def test_quantized_tokens_round_trip_through_parquet_with_a_scale_per_token(tmp_path, dtype, monkeypatch):
+    meta = fixture_meta(dtype=dtype, dim=32)
+    rng = torch.Generator().manual_seed(0)
+    tokens = [torch.randn(n, 32, generator=rng) * (1 + 10 * torch.rand(n, 1, generator=rng)) for n in (3, 0, 7, 1, 16)]
+    tokens[3][0] = 0.0  # an all-zero token: scale 0, decodes to zeros
+    positions = [np.arange(len(t)) for t in tokens]
+    monkeypatch.setattr(output_format, "MAX_BINARY_BYTES", 600)  # several record batches: scales stay aligned
+    table = encode_sample_table(_stage_rows(meta, tokens, positions), meta)
+    assert len(table.to_batches()) > 1
+    assert table.schema.names.index(SCALES_COLUMN) == table.schema.names.index("scores") + 1
+    pq.write_table(table, tmp_path / "q.parquet")
+    back = pq.read_table(tmp_path / "q.parquet")
+    assert read_format_metadata(back.schema) == meta
+    for t, row in zip(tokens, back.to_pylist()):
+        assert len(row["tokens"]) == len(t) * 32 and len(row[SCALES_COLUMN]) == len(t) * 4
+        decoded = decode_row_tokens(row, meta)
+        assert torch.equal(decoded, _expected(t, dtype))
+        cosine = torch.nn.functional.cosine_similarity(decoded, t, dim=-1)[t.abs().amax(-1) > 0]
+        if len(cosine):
+            assert cosine.min() > (0.999 if dtype == "int8" else 0.99), cosine.min()
+    assert torch.equal(decode_row_tokens(back.to_pylist()[3], meta)[0], torch.zeros(32))
+    with pytest.raises(ValueError, match=SCALES_COLUMN):
+        decode_tokens(back.to_pylist()[0]["tokens"], dtype, 32)
+    # Float outputs keep their schema: no scales column.
+    assert SCALES_COLUMN not in row_schema(fixture_meta(dtype="float16")).names
+
+
+@pytest.mark.parametrize("dtype", DTYPES + QUANTIZED)
 def test_webdataset_output_round_trips_without_pickle(tmp_path, dtype):
     meta = fixture_meta(dtype=dtype, dim=4)
-    _, tokens, positions, scores = _table(meta, n_rows=3, with_scores=True)
+    _, tokens, positions, scores = _table(meta if dtype in DTYPES else fixture_meta(dim=4), n_rows=3, with_scores=True)
     rows = _stage_rows(meta, tokens, positions, scores)
     data = samples_to_wds_tar(rows, meta)
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         names = tar.getnames()
-    assert names[:4] == ["k0.tokens.npy", "k0.positions.npy", "k0.json", "k0.scores.npy"]
+    member = {"bfloat16": "tokens.bfloat16", "float8_e4m3": "tokens.float8_e4m3"}.get(dtype, "tokens.npy")
+    scales = ["k0.token_scales.npy"] if dtype in QUANTIZED else []
+    assert names[:4 + len(scales)] == [f"k0.{member}", *scales, "k0.positions.npy", "k0.json", "k0.scores.npy"]
     (tmp_path / "part.tar").write_bytes(data)
+    # webdataset's own decoding never hands out bfloat16 words as if they were uint16 values.
+    for sample in wds.WebDataset(str(tmp_path / "part.tar"), shardshuffle=False).decode():
+        stored = sample[member]
+        assert isinstance(stored, bytes) if member != "tokens.npy" else stored.dtype.name == dtype
+        assert sample["json"]["dtype"] == dtype and sample["json"]["tokens_member"] == member
     samples = list(wds.WebDataset(str(tmp_path / "part.tar"), shardshuffle=False))
     assert [s["__key__"] for s in samples] == ["k0", "k1", "k2"]
     for i, sample in enumerate(samples):
         decoded = decode_wds_sample(sample)
-        assert torch.equal(decoded["tokens"], tokens[i].to(TORCH_DTYPES[dtype]).float())
+        assert torch.equal(decoded["tokens"], _expected(tokens[i], dtype))
         assert decoded["positions"].tolist() == positions[i].tolist()
         assert decoded["caption"] == f"c{i}" and decoded["grid"] == (1, 2) and decoded["side"] == 4
     with pytest.raises(ValueError, match="invalid key for webdataset output"):

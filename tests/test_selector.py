@@ -16,7 +16,7 @@ from pipeline.config import (
     SelectorModelConfig,
     TrainConfig,
 )
-from pipeline.selector import build_selector, select_tokens
+from pipeline.selector import build_selector, choose_tokens, select_tokens
 from pipeline.selector.baselines import UniformSelector
 from pipeline.selector.checkpoint import (
     checkpoint_dir,
@@ -377,7 +377,7 @@ def test_checkpoint_round_trip_gives_identical_scores(tmp_path: Path):
     tokens, mask = padded_batch([16, 9])
     expected = model.selector.eval().keep_probability(tokens, mask).detach()
     for path in (directory, f"{directory}/checkpoint.json", str(tmp_path / "checkpoints")):
-        selector = build_selector(SelectorConfig(method="learned", checkpoint=path), ENCODER_FP)
+        selector = build_selector(SelectorConfig(method="learned_oneshot", checkpoint=path), ENCODER_FP)
         scores = selector.scores(tokens, mask, keys=["a", "b"])
         assert torch.equal(scores[mask], expected[mask])
         assert torch.isneginf(scores[~mask]).all()
@@ -424,6 +424,73 @@ def test_checkpoint_round_trip_through_s3(s3_options, s3_bucket):
     write_checkpoint(root, model, step=3, storage_options=s3_options)
     directory = write_checkpoint(root, model, step=7, storage_options=s3_options)
     assert latest_checkpoint(root, s3_options) == directory
-    selector = build_selector(SelectorConfig(method="learned", checkpoint=root), ENCODER_FP, storage_options=s3_options)
+    selector = build_selector(SelectorConfig(method="learned_oneshot", checkpoint=root), ENCODER_FP,
+                              storage_options=s3_options)
     tokens, mask = padded_batch([16])
     assert torch.equal(selector.scores(tokens, mask, keys=["a"]), model.selector.eval().keep_probability(tokens, mask).detach())
+
+
+# --------------------------------------------------------------------------------------------- set-aware selection
+
+
+def clustered_tokens(assignment: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(max(assignment) + 1, DIM, generator=generator) * 3
+    index = torch.tensor(assignment)
+    tokens = (centres[index] + 0.01 * torch.randn(len(assignment), DIM, generator=generator))[None]
+    return tokens, torch.ones(1, len(assignment), dtype=torch.bool)
+
+
+def test_set_aware_learned_keeps_one_token_per_group_where_one_shot_keeps_a_redundant_group(tmp_path: Path):
+    # An untrained selector scores every token 1/2: the one-shot top-k takes the first tokens, one group here;
+    # the set-aware order weighs each candidate by its distance to what is kept, so every group gets one.
+    directory = write_checkpoint(str(tmp_path), make_model(seed=1), step=1)
+    assignment = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 0, 0, 1, 1]
+    tokens, mask = clustered_tokens(assignment)
+    budget = SelectorConfig(mode="budget", budget=4)
+    groups = torch.tensor(assignment)
+    oneshot = build_selector(SelectorConfig(method="learned_oneshot", checkpoint=directory), ENCODER_FP)
+    _, keep = choose_tokens(oneshot, tokens, mask, budget, keys=["x"])
+    assert sorted(groups[keep[0]].tolist()) == [0, 0, 0, 0]
+    learned = build_selector(SelectorConfig(method="learned", checkpoint=directory), ENCODER_FP)
+    scores, keep = choose_tokens(learned, tokens, mask, budget, keys=["x"])
+    assert sorted(groups[keep[0]].tolist()) == [0, 1, 2, 3]
+    # Its scores are a picking order: distinct, and a ratio cut of them is the ratio mode's selection.
+    assert len(set(scores[0].tolist())) == len(assignment)
+    ratio = SelectorConfig(mode="ratio", ratio=0.3)
+    assert torch.equal(choose_tokens(learned, tokens, mask, ratio, keys=["x"])[1], select_tokens(scores, mask, ratio))
+
+
+def test_set_aware_picking_order_is_a_permutation_that_ignores_padding(tmp_path: Path):
+    directory = write_checkpoint(str(tmp_path), make_model(seed=2), step=1)
+    learned = build_selector(SelectorConfig(method="learned", checkpoint=directory), ENCODER_FP)
+    tokens, mask = padded_batch([20, 13])
+    ranks = learned.picking_order(tokens, mask)
+    for row, n in enumerate([20, 13]):
+        assert sorted(ranks[row, :n].tolist()) == list(range(n))
+    alone = learned.picking_order(tokens[1:, :13], mask[1:, :13])
+    assert torch.equal(alone[0], ranks[1, :13])
+
+
+def test_error_mode_keeps_each_image_within_its_bound_and_a_looser_bound_keeps_fewer(tmp_path: Path):
+    model = make_model(seed=3).eval()
+    sets = structured_token_sets(6, seed=4)
+    directory = write_checkpoint(str(tmp_path), model, step=1)
+    tokens, mask = pad_token_sets(sets[:6]).tokens, pad_token_sets(sets[:6]).mask
+    counts = {}
+    for method in ("learned", "learned_oneshot"):
+        selector = build_selector(SelectorConfig(method=method, checkpoint=directory), ENCODER_FP)
+        for bound in (0.1, 0.5):
+            cfg = SelectorConfig(method=method, mode="error", max_error=bound, min_tokens=1)
+            _, keep = choose_tokens(selector, tokens, mask, cfg, keys=[])
+            error = reconstruction_error(model.reconstruct(tokens, mask, keep), tokens, mask) / image_spread(tokens, mask)
+            assert (error <= bound + 1e-5).all()
+            counts[method, bound] = keep.sum(1)
+        assert (counts[method, 0.5] <= counts[method, 0.1]).all() and (counts[method, 0.5] < 16).all()
+
+
+def test_error_mode_needs_a_learned_method():
+    with pytest.raises(ConfigError, match="mode"):
+        SelectorConfig(method="diversity", mode="error").check()
+    with pytest.raises(ConfigError, match="max_error"):
+        SelectorConfig(method="learned", mode="error", max_error=1.5).check()

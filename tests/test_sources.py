@@ -20,7 +20,9 @@ from pipeline.sources import (
     REST_OF_SHARD,
     Quarantined,
     RawSample,
+    dataset_root,
     iter_shard,
+    list_input,
     list_shards,
 )
 from pipeline.sources.decode import DecodeError, decode_image
@@ -103,6 +105,26 @@ def test_lists_tars_by_directory_glob_and_braces(store):
     assert [s.shard_id for s in picked] == ["shard-00000", "shard-00002"]
 
 
+def test_shard_ids_are_relative_to_the_dataset_root_and_absent_brace_members_are_counted(store):
+    root, options = store
+    put(root, options, {f"laion/{i:05d}.tar": tar_bytes(WDS_MEMBERS[:1]) for i in (0, 1, 3)})
+    for pattern in ("laion", "laion/*.tar", "laion/{00000..00004}.tar", "laion/0000{0..4}.tar"):
+        cfg = InputConfig(path=f"{root}/{pattern}")
+        listing = list_input(cfg, options)
+        assert dataset_root(cfg) == listing.root == f"{root}/laion"
+        assert [s.shard_id for s in listing.shards] == ["00000", "00001", "00003"], pattern
+        assert len(listing.missing) == (2 if "{" in pattern else 0)
+    assert dataset_root(InputConfig(path=f"{root}/laion/00001.tar")) == f"{root}/laion"
+    nested = list_shards(InputConfig(path=f"{root}/{{laion,gone}}/*.tar"), options)
+    assert [s.shard_id for s in nested] == ["laion__00000", "laion__00001", "laion__00003"]
+    with pytest.raises(ConfigError, match=r"^input\.path: .*00002\.tar does not exist"):
+        list_shards(InputConfig(path=f"{root}/laion/{{00000..00004}}.tar", missing="error"), options)
+    with pytest.raises(ConfigError, match=r"^input\.path: none of the 2 names"):
+        list_shards(InputConfig(path=f"{root}/laion/{{00007,00008}}.tar"), options)
+    with pytest.raises(ConfigError, match=r"^input\.root: .* is not above"):
+        list_shards(InputConfig(path=f"{root}/laion", root=f"{root}/elsewhere"), options)
+
+
 def test_fingerprint_changes_with_content(store):
     root, options = store
     put(root, options, {"a.tar": tar_bytes(WDS_MEMBERS[:2]), "b.tar": tar_bytes(WDS_MEMBERS[:2])})
@@ -149,7 +171,7 @@ def test_shard_ids_are_safe_unique_and_stable(tmp_path):
     cfg = InputConfig(path=f"{root}/{{one,two}}/*.tar")
     ids = [s.shard_id for s in list_shards(cfg, {})]
     assert len(set(ids)) == 4 and all(re.fullmatch(r"[A-Za-z0-9._-]{1,120}", i) for i in ids)
-    assert any(i.startswith("caf__shard__1_-") for i in ids)
+    assert any(i.startswith("one__caf__shard__1_-") for i in ids) and {"one__x", "two__x"} <= set(ids)
     assert ids == [s.shard_id for s in list_shards(cfg, {})]
     assert list_shards(InputConfig(path=f"{root}/one/*.tar"), {})[-1].shard_id == "x"
 

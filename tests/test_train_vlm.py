@@ -1,3 +1,4 @@
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -9,7 +10,7 @@ import ray
 import torch
 from pruned_fixtures import encode_rows
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, JobError, load_config
 from pipeline.loader import PrunedTokenDataset, PrunedTokenLoader
 from pipeline.output.format import format_metadata
 from pipeline.output.manifest import MANIFEST_SCHEMA
@@ -18,6 +19,7 @@ from pipeline.ray_train.vlm import train_vlm as main
 from pipeline.vlm.config import TrainVLMConfig
 from pipeline.vlm.feed import CaptionCollator, CaptionLoss, image_token_id
 from pipeline.vlm.train import (
+    BATCH_LOG_ENV,
     PROJECTOR_FILE,
     endless,
     load_trained,
@@ -70,9 +72,14 @@ def pruned(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
+def ray_session(tmp_path_factory):
+    """Ray for this module; its workers see a disarmed step failpoint (a failpoint fires only while its marker in
+    ATR_FAILPOINT_DIR is absent: a test arms it by removing the marker) and log each step's batch keys."""
+    hooks = tmp_path_factory.mktemp("hooks")
+    (hooks / "ATR_FAIL_VLM_AFTER_STEPS").touch()
+    env = {"ATR_FAILPOINT_DIR": str(hooks), "ATR_FAIL_VLM_AFTER_STEPS": "5", BATCH_LOG_ENV: str(hooks / "batches.jsonl")}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    yield hooks
     ray.shutdown()
 
 
@@ -153,3 +160,30 @@ def test_input_resolution_and_config_errors(pruned, tmp_path):
         load_config(TrainVLMConfig, None, ["model.prompt=no image here"])
     with pytest.raises(ConfigError, match="train.steps: must be a positive integer"):
         load_config(TrainVLMConfig, None, ["train.steps=0"])
+
+
+def test_killed_train_vlm_resumes_without_repeating_or_skipping_a_batch(pruned, tmp_path, ray_session):
+    # 24 samples in batches of 5: step 5 starts the second epoch, so the resume point at step 4 ends an epoch.
+    steps, batch = 8, 5
+    cfg = config(pruned, tmp_path / "vlm", f"train.steps={steps}", f"train.batch_size={batch}",
+                 "train.checkpoint_every=2", "model.hidden_size=16", "model.intermediate_size=32")
+    log = ray_session / "batches.jsonl"
+    seen = len(log.read_text().splitlines()) if log.exists() else 0
+
+    def logged() -> list[dict]:
+        return [json.loads(line) for line in log.read_text().splitlines()[seen:]]
+
+    (ray_session / "ATR_FAIL_VLM_AFTER_STEPS").unlink()  # armed: the worker process dies after step 5
+    with pytest.raises(JobError):
+        main(cfg)
+    first = logged()
+    assert [entry["step"] for entry in first] == [1, 2, 3, 4, 5]  # past the resume point at step 4
+    summary = main(cfg)  # the failpoint fired once; this run resumes and goes to the end
+    second = logged()[len(first):]
+    assert [entry["step"] for entry in second] == [5, 6, 7, 8]  # step 5's update was lost with the process
+    assert summary["steps"] == steps
+
+    dataset = PrunedTokenDataset(str(pruned), seed=0, shuffle_buffer=8, columns=["caption"], rank=0, world_size=1)
+    batches = endless(PrunedTokenLoader(dataset, batch_size=batch))
+    expected = [next(batches)["keys"] for _ in range(steps)]  # what an uninterrupted run draws
+    assert [entry["keys"] for entry in first[:4] + second] == expected

@@ -16,10 +16,18 @@ from pipeline.compress.plan import RunPlan, plan_compress
 from pipeline.compress.progress import LiveProgress, ProgressReporter
 from pipeline.compress.shard_committer import RunTotals, ShardCommitter
 from pipeline.config import CompressConfig, JobError
-from pipeline.encoders import VisionEncoder
-from pipeline.output.commit import by_source, load_markers, write_marker_index
+from pipeline.encoders import VisionEncoder, checkpoint_preprocessing
+from pipeline.output.commit import by_source, load_markers, write_dataset_card, write_marker_index
 from pipeline.output.format import format_metadata
-from pipeline.output.manifest import current_shards, write_manifest
+from pipeline.output.manifest import (
+    DuplicateKey,
+    current_shards,
+    find_duplicate_keys,
+    hide_keys,
+    read_manifest,
+    record_retired,
+    write_manifest,
+)
 from pipeline.stages.encode_select import Models
 from pipeline.storage import DiskFullError, InputReadError, absolute_url, write_bytes
 
@@ -66,6 +74,8 @@ def _write_stats(plan: RunPlan, committed_now: list, run_summary: dict[str, Any]
                       tokens_kept=shard.tokens_kept, shards=1)
     stats = {
         "cfg_hash": plan.cfg_hash,
+        "shards": {name: run_summary.get(f"shards_{name}") for name in
+                   ("total", "added", "changed", "removed", "missing", "skipped")},
         "totals": dict(totals),
         "kept_fraction": totals["tokens_kept"] / totals["tokens_full"] if totals["tokens_full"] else None,
         "kept_tokens_histogram": {str(k): histogram[k] for k in sorted(histogram)},
@@ -78,7 +88,8 @@ def with_absolute_paths(cfg: CompressConfig) -> CompressConfig:
     checkpoint = cfg.selector.checkpoint
     return dataclasses.replace(
         cfg,
-        input=dataclasses.replace(cfg.input, path=absolute_url(cfg.input.path)),
+        input=dataclasses.replace(cfg.input, path=absolute_url(cfg.input.path),
+                                  root=absolute_url(cfg.input.root) if cfg.input.root else None),
         output=dataclasses.replace(cfg.output, path=absolute_url(cfg.output.path)),
         selector=dataclasses.replace(cfg.selector, checkpoint=absolute_url(checkpoint) if checkpoint else None),
     )
@@ -102,6 +113,9 @@ def _unfinished(committer: ShardCommitter, plan: RunPlan) -> str:
 def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     started = time.monotonic()
     cfg = with_absolute_paths(cfg)
+    # The checkpoint's image processor, resolved once here: the fingerprint, the decode stage and the actors
+    # all see the values the tower is fed with.
+    cfg = dataclasses.replace(cfg, encoder=checkpoint_preprocessing(cfg.encoder))
     storage_options = cfg.storage.storage_options()
     models = load_models(cfg)
     dim = models.encoder.hidden_size
@@ -110,17 +124,24 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
         models = None  # the actors load their own; this copy only named them
     log.info(f"[compress] output {plan.output_dir} | shards {len(plan.shards)} | to do {len(plan.todo)} "
              f"| already committed {plan.skipped}")
+    shown_before = _shown_shards(plan.output_dir, storage_options)
+    current_ids = {s.shard_id for s in plan.shards}
+    removed = sorted(set(shown_before) - current_ids)
     summary: dict[str, Any] = {"output": plan.output_dir, "cfg_hash": plan.cfg_hash, "shards_total": len(plan.shards),
-                               "shards_skipped": plan.skipped, **dataclasses.asdict(RunTotals())}
+                               "shards_skipped": plan.skipped, "shards_added": len(plan.added),
+                               "shards_changed": len(plan.changed), "shards_removed": len(removed),
+                               "shards_missing": len(plan.missing), **dataclasses.asdict(RunTotals())}
     if cfg.dry_run:
         for shard in plan.todo:
             log.info(f"[compress] to do: {shard.shard_id} {shard.url}")
         return {**summary, "dry_run": True, "todo": [s.shard_id for s in plan.todo],
                 "wall_s": round(time.monotonic() - started, 3)}
     try:
+        resolved = plan.resolved_config()
         write_bytes(f"{plan.output_dir}/_config.json",
-                    json.dumps({**plan.resolved_config(), "atr_version": __version__}, indent=1,
-                               sort_keys=True).encode(), storage_options)
+                    json.dumps({**resolved, "atr_version": __version__}, indent=1, sort_keys=True).encode(),
+                    storage_options)
+        write_dataset_card(plan.output_dir, storage_options, resolved)  # before the first commit can land
     except OSError as exc:
         raise JobError(f"output {plan.output_dir} is not writable: {exc}") from None
     committer = ShardCommitter(plan.output_dir, plan.run_id, storage_options)
@@ -139,8 +160,10 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
     # From the markers planning found plus the ones committed since (this run's, a concurrent run's): no
     # marker is read twice across runs. `jobs.gc repair=true` rebuilds the index from every marker.
     markers = load_markers(plan.output_dir, storage_options, known=plan.committed)
-    visible = current_shards(by_source(markers), fingerprints_now)
+    visible = current_shards(by_source(markers), fingerprints_now, keep_removed=cfg.output.keep_removed_inputs)
+    visible, duplicates = _unique_keys(plan, visible, storage_options)
     write_manifest(plan.output_dir, visible, storage_options)
+    record_retired(plan.output_dir, list(markers), visible, storage_options)
     write_marker_index(plan.output_dir, markers, storage_options)
     totals = committer.totals
     wall_s = time.monotonic() - started
@@ -149,9 +172,41 @@ def run_compress(cfg: CompressConfig) -> dict[str, Any]:
         kept_fraction=round(totals.tokens_kept / totals.tokens_full, 4) if totals.tokens_full else None,
         images_per_s=round(totals.images / wall_s, 2), wall_s=round(wall_s, 3),
     )
+    summary["duplicate_keys"] = len(duplicates)
+    log.info(f"[compress] shards: {len(plan.added)} added, {len(plan.changed)} changed, {len(removed)} removed"
+             f"{' (kept, output.keep_removed_inputs=true)' if removed and cfg.output.keep_removed_inputs else ''}, "
+             f"{len(plan.missing)} missing, {plan.skipped} skipped; {len(visible)} in the manifest")
     accounted = "=" if totals.input_samples == totals.images + totals.quarantined else "!="  # "!=" is a bug
     log.info(f"[compress] input samples {totals.input_samples} {accounted} kept {totals.images} + quarantined "
              f"{totals.quarantined}")
-    if plan.todo:
+    if plan.todo or removed or duplicates:
         _write_stats(plan, visible, summary, storage_options)
     return summary
+
+
+def _shown_shards(output_dir: str, storage_options: dict) -> dict[str, str]:
+    """{shard id: source fingerprint} of what the manifest showed before this run (empty on a first run)."""
+    try:
+        return {row["shard_id"]: row["source_fingerprint"] for row in read_manifest(output_dir, storage_options)}
+    except (OSError, ValueError):  # none yet, or unreadable: writing _config.json next names the problem
+        return {}
+
+
+def _unique_keys(plan: RunPlan, visible: list, storage_options: dict) -> tuple[list, list[DuplicateKey]]:
+    """The visible shards with every key once: a key two shards hold fails the run (on_duplicate_key=error,
+    before the manifest changes) or stays in the first shard by shard id (keep_first)."""
+    duplicates = find_duplicate_keys(plan.output_dir, visible, storage_options)
+    if not duplicates:
+        return visible, duplicates
+    first = duplicates[0]
+    where = f"key {first.key!r} is in shards {first.kept_in} and {first.also_in}"
+    if plan.config.output.on_duplicate_key == "error":
+        raise JobError(f"{len(duplicates)} duplicate keys across input shards ({where}); remove them from one "
+                       "input, or set output.on_duplicate_key=keep_first to keep each key's first shard only")
+    log.warning(f"[compress] {len(duplicates)} duplicate keys across input shards ({where}); each is kept in "
+                "its first shard by shard id (output.on_duplicate_key=keep_first)")
+    hidden: dict[str, set[str]] = {}
+    for duplicate in duplicates:
+        hidden.setdefault(duplicate.also_in, set()).add(duplicate.key)
+    return [hide_keys(plan.output_dir, s, hidden[s.shard_id], storage_options) if s.shard_id in hidden else s
+            for s in visible], duplicates

@@ -6,8 +6,9 @@ from pipeline.encoders.geometry import (
     prepare_image,
     token_boxes,
 )
-from pipeline.encoders.tower import EncodedImage, VisionEncoder, normalize_pixels
+from pipeline.encoders.tower import EncodedImage, VisionEncoder, checkpoint_preprocessing, normalize_pixels
 
 __all__ = [
-    "EncodedImage", "PreparedImage", "VisionEncoder", "anyres_grid", "normalize_pixels", "prepare_image", "token_boxes",
+    "EncodedImage", "PreparedImage", "VisionEncoder", "anyres_grid", "checkpoint_preprocessing", "normalize_pixels",
+    "prepare_image", "token_boxes",
 ]

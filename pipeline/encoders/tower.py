@@ -7,11 +7,14 @@ head) instead of computing and discarding them.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -86,6 +89,66 @@ def build_tower(cfg: EncoderConfig) -> PreTrainedModel:
     with torch.random.fork_rng(devices=[]):  # seed the init without disturbing the caller's random stream
         torch.manual_seed(cfg.seed)
         return model_cls(config)
+
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+@functools.lru_cache(maxsize=16)
+def _checkpoint_processor(pretrained: str, local_files_only: bool) -> tuple[tuple[str, Any], ...] | None:
+    """The checkpoint's image processor parameters (``preprocessor_config.json``), or None when it has none."""
+    if os.path.isdir(pretrained):
+        path = os.path.join(pretrained, PREPROCESSOR_FILE)
+        if not os.path.exists(path):
+            return None
+        with open(path) as handle:
+            return tuple(sorted(json.load(handle).items()))
+    from transformers.image_processing_utils import ImageProcessingMixin
+
+    offline = local_files_only or hub_offline() or not hub_reachable()
+    try:
+        found, _ = ImageProcessingMixin.get_image_processor_dict(pretrained, local_files_only=offline)
+    except OSError as exc:
+        log.warning(f"encoder.pretrained={pretrained!r}: no {PREPROCESSOR_FILE} could be read ({exc}); "
+                    "using the preset's image_mean / image_std / resize_mode")
+        return None
+    return tuple(sorted(found.items()))
+
+
+def checkpoint_preprocessing(cfg: EncoderConfig) -> EncoderConfig:
+    """``cfg`` with image_mean, image_std and resize_mode taken from the checkpoint's image processor when
+    ``pretrained`` is set (and ``preprocessor=checkpoint``): a checkpoint saved with its own normalisation is
+    encoded with it. A preset value that disagrees is replaced, with one warning naming both values."""
+    if not cfg.pretrained or cfg.preprocessor == "config":
+        return cfg
+    items = _checkpoint_processor(cfg.pretrained, cfg.local_files_only)
+    if items is None:
+        return cfg
+    processor = dict(items)
+    found: dict[str, Any] = {}
+    for name in ("image_mean", "image_std"):
+        value = processor.get(name)
+        if isinstance(value, (list, tuple)) and len(value) == 3:
+            found[name] = [float(v) for v in value]
+        elif isinstance(value, (int, float)):
+            found[name] = [float(value)] * 3
+    size = processor.get("size") or {}
+    if cfg.resize_mode != "pad":  # letterboxing is LLaVA's choice on top of the processor, kept as configured
+        if processor.get("do_center_crop"):
+            found["resize_mode"] = "shortest_edge_crop"
+        elif isinstance(size, dict) and "height" in size and "width" in size:
+            found["resize_mode"] = "squash"
+    changed = {}
+    for name, value in found.items():
+        current = getattr(cfg, name)
+        same = (current == value if isinstance(value, str)
+                else np.allclose(np.asarray(current, dtype=float), value, rtol=0, atol=1e-7))
+        if not same:
+            changed[name] = value
+            log.warning(f"encoder.{name}={current} (preset {cfg.name!r}) disagrees with {cfg.pretrained}'s "
+                        f"{PREPROCESSOR_FILE} ({name}={value}); using the checkpoint's value "
+                        "(encoder.preprocessor=config keeps the preset's)")
+    return dataclasses.replace(cfg, **changed) if changed else cfg
 
 
 def check_tower_matches(tower_config, cfg: EncoderConfig) -> None:
@@ -190,6 +253,7 @@ class VisionEncoder(torch.nn.Module):
 
     @classmethod
     def from_config(cls, cfg: EncoderConfig) -> VisionEncoder:
+        cfg = checkpoint_preprocessing(cfg)  # a pretrained tower is fed as its own image processor would feed it
         return cls(build_tower(cfg), cfg)
 
     def fingerprint(self) -> str:

@@ -15,7 +15,8 @@ from pipeline.config import (
     require,
 )
 
-Method = Literal["learned", "none", "random", "uniform", "norm", "cls_attention", "diversity", "oracle"]
+Method = Literal["learned", "learned_oneshot", "none", "random", "uniform", "norm", "cls_attention", "diversity",
+                 "oracle"]
 DEFAULT_KEEP_RATIOS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
 
 
@@ -25,7 +26,7 @@ class ProbeConfig(Config):
 
     SECTION = "probe"
 
-    task: Literal["family", "has_digits", "family_digits", "n_shapes"] = "family_digits"
+    task: Literal["family", "has_digits", "family_digits", "n_shapes", "code"] = "family_digits"
     train_input: InputConfig = field(default_factory=lambda: InputConfig(path="demo_output/corpus/train"))
     max_train_images: int | None = None
     steps: int = 300
@@ -60,11 +61,15 @@ class EvaluateConfig(Config):
     storage: StorageConfig = field(default_factory=StorageConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     methods: list[Method] = field(
-        default_factory=lambda: ["learned", "oracle", "random", "uniform", "norm", "cls_attention", "diversity", "none"]
+        default_factory=lambda: ["learned", "learned_oneshot", "oracle", "random", "uniform", "norm", "cls_attention",
+                                 "diversity", "none"]
     )
     keep_ratios: list[float] = field(default_factory=lambda: list(DEFAULT_KEEP_RATIOS))
     # The learned selector's adaptive mode: keep every token whose keep probability reaches the threshold.
     thresholds: list[float] = field(default_factory=lambda: [0.5])
+    # The learned selector's error-bounded mode: per image the fewest tokens whose reconstruction error is at
+    # most this fraction of the image's spread.
+    max_errors: list[float] = field(default_factory=lambda: [0.3])
     # A token is a text patch when text covers more than this fraction of its region (0: any overlap, the
     # corpus's density measure).
     text_patch_min_coverage: float = 0.0
@@ -79,6 +84,8 @@ class EvaluateConfig(Config):
                 f"must be numbers in (0, 1], got {self.keep_ratios}")
         require(all(0 <= t <= 1 for t in self.thresholds), "thresholds",
                 f"must be keep probabilities in [0, 1], got {self.thresholds}")
+        require(all(0 < e < 1 for e in self.max_errors), "max_errors",
+                f"must be fractions of an image's spread in (0, 1), got {self.max_errors}")
         require(0 < self.overlay_ratio <= 1, "overlay_ratio", f"must be in (0, 1], got {self.overlay_ratio}")
         require(0 <= self.text_patch_min_coverage < 1, "text_patch_min_coverage",
                 f"must be in [0, 1), got {self.text_patch_min_coverage}")
@@ -112,7 +119,8 @@ class EvaluateVLMConfig(Config):
     selector: SelectorConfig = field(default_factory=SelectorConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
-    methods: list[Literal["none", "learned", "random", "uniform", "norm", "cls_attention", "diversity"]] = field(
+    methods: list[Literal["none", "learned", "learned_oneshot", "random", "uniform", "norm", "cls_attention",
+                          "diversity"]] = field(
         default_factory=lambda: ["none", "learned", "random"]
     )
     keep_ratios: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7])

@@ -38,9 +38,12 @@ def plot_metrics_vs_ratio(rows: Sequence[Row], metrics: Sequence[tuple[str, str]
                     axis.axhline(value, color="grey", linestyle="--", label="none (all tokens)")
             elif points:
                 axis.plot(*zip(*points), marker="o", markersize=3, label=method)
-        adaptive = [(r["kept_fraction"], r[key]) for r in rows if r["mode"] == "threshold" and _present(r.get(key))]
+        adaptive = [(r["kept_fraction"], r[key]) for r in rows if r["mode"] in ("threshold", "error") and _present(r.get(key))]
         if adaptive:
-            axis.scatter(*zip(*adaptive), marker="*", s=120, color="black", zorder=5, label="learned (threshold)")
+            axis.scatter(*zip(*adaptive), marker="*", s=120, color="black", zorder=5, label="learned (threshold / error)")
+        if key in ("probe_accuracy", "text_patch_recall", "nontext_patch_recall"):
+            # A fraction: a zoomed axis would make a one-image difference look like a collapse.
+            axis.set_ylim(0, 1.02)
         axis.set_xlabel("kept fraction of tokens")
         axis.set_title(label)
         axis.grid(alpha=0.3)

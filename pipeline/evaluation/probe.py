@@ -31,6 +31,8 @@ PROBE_TASKS: dict[str, tuple[int, Callable[[Mapping[str, Any]], int]]] = {
     "has_digits": (2, lambda meta: int(bool(meta.get("has_digits")))),
     "family_digits": (3, _family_digits),
     "n_shapes": (4, _shape_count),
+    # Code pages (pipeline.corpus.generate_code_page): which digit a one-patch tag shows.
+    "code": (4, lambda meta: int(meta.get("code", 0))),
 }
 
 

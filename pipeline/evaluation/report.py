@@ -83,6 +83,14 @@ def _has_values(rows: Sequence[Row], key: str) -> bool:
     return any(format_value(r.get(key)) != "–" for r in rows)
 
 
+def _same_for_every_method(rows: Sequence[Row], key: str) -> bool:
+    by_ratio: dict[Any, set[str]] = {}
+    for row in rows:
+        if row["method"] != "none":
+            by_ratio.setdefault(row["keep_ratio"], set()).add(format_value(row.get(key)))
+    return all(len(values) == 1 for values in by_ratio.values()) and len({r["method"] for r in rows}) > 2
+
+
 def evaluation_markdown(rows: Sequence[Row], summary: dict[str, Any], plots: Sequence[str]) -> str:
     """``report.md`` of ``jobs.evaluate``: per family, a method × keep ratio table per metric, then the
     threshold-mode table and the plots."""
@@ -100,16 +108,25 @@ def evaluation_markdown(rows: Sequence[Row], summary: dict[str, Any], plots: Seq
         ratio_rows = [r for r in rows if r["family"] == family and r["mode"] == "ratio"]
         lines += ["", f"## {family} images"]
         for key, label in ROW_METRICS:
-            if _has_values(ratio_rows, key):
+            # A table in which every method has the same value at every ratio (kept counts in ratio mode) says nothing.
+            if _has_values(ratio_rows, key) and not _same_for_every_method(ratio_rows, key):
                 lines += ["", f"### {label}", "", pivot_markdown(ratio_rows, row_keys=["method"], column_key="keep_ratio", value_key=key)]
         adaptive = [r for r in rows if r["family"] == family and r["mode"] == "threshold"]
         if adaptive:
-            columns = ["threshold", "mean_kept", "kept_fraction"] + [k for k, _ in ROW_METRICS[:4] if _has_values(adaptive, k)]
+            columns = ["method", "threshold", "mean_kept", "kept_fraction"] + [k for k, _ in ROW_METRICS[:4] if _has_values(adaptive, k)]
             lines += ["", "### learned selector, threshold mode (adaptive)", "",
                       markdown_table(columns, [[r[c] for c in columns] for r in adaptive])]
+        bounded = [r for r in rows if r["family"] == family and r["mode"] == "error"]
+        if bounded:
+            columns = ["method", "max_error", "within_max_error", "relative_error", "mean_kept", "kept_fraction"] + [
+                k for k, _ in ROW_METRICS[:4] if _has_values(bounded, k)]
+            lines += ["", "### learned selector, error-bounded mode (adaptive)", "",
+                      markdown_table(columns, [[r[c] for c in columns] for r in bounded])]
     for entry in summary.get("adaptive", []):
         correlation = entry["spearman_kept_fraction_vs_text_share"]
-        lines += ["", f"Threshold {entry['threshold']:g}: mean tokens kept {json.dumps(json_safe(entry['mean_kept']))}; "
+        setting = (f"threshold {entry['threshold']:g}" if entry.get("mode", "threshold") == "threshold"
+                   else f"max_error {entry['max_error']:g}")
+        lines += ["", f"{entry.get('method', 'learned')}, {setting}: mean tokens kept {json.dumps(json_safe(entry['mean_kept']))}; "
                   f"Spearman of kept fraction vs text share: all {format_value(correlation['all'])}, "
                   f"documents {format_value(correlation['document'])}."]
     if plots:

@@ -47,7 +47,7 @@ from pipeline.evaluation.samples import (
 )
 from pipeline.selector import build_selector, load_checkpoint, select_tokens
 from pipeline.selector.learned import LearnedSelector
-from pipeline.selector.loss import reconstruction_error
+from pipeline.selector.loss import image_spread, reconstruction_error
 from pipeline.selector.model import SelectorAutoencoder
 
 log = logging.getLogger(__name__)
@@ -60,26 +60,38 @@ class Setting:
     """One way of cutting a method's scores into a keep-mask."""
 
     method: str
-    mode: str  # "ratio" or "threshold"
+    mode: str  # "ratio", "threshold" or "error"
     keep_ratio: float | None = None
     threshold: float | None = None
+    max_error: float | None = None
 
 
 def settings_for(method: str, cfg: EvaluateConfig) -> list[Setting]:
     if method == "none":
         return [Setting("none", "ratio", keep_ratio=1.0)]
     settings = [Setting(method, "ratio", keep_ratio=r) for r in cfg.keep_ratios]
-    if method == "learned":
+    if method in LEARNED_METHODS:
         settings += [Setting(method, "threshold", threshold=t) for t in cfg.thresholds]
+        settings += [Setting(method, "error", max_error=e) for e in cfg.max_errors]
     return settings
 
 
-def keep_mask(setting: Setting, scores: torch.Tensor, mask: torch.Tensor, min_tokens: int) -> torch.Tensor:
+LEARNED_METHODS = ("learned", "learned_oneshot")
+
+
+def keep_mask(setting: Setting, scores: torch.Tensor, mask: torch.Tensor, min_tokens: int,
+              selector: Any = None, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """The setting's keep-mask: a cut of ``scores`` in ratio mode (and for the baselines); the learned
+    selector's own ``select`` in threshold and error modes, which needs the ``tokens``."""
     if setting.method == "none":
         return mask.clone()
     policy = SelectorConfig(
-        mode=setting.mode, ratio=setting.keep_ratio or 1.0, threshold=setting.threshold or 0.0, min_tokens=min_tokens
+        mode=setting.mode, ratio=setting.keep_ratio or 1.0, threshold=setting.threshold or 0.0,
+        max_error=setting.max_error or 0.3, min_tokens=min_tokens,
     )
+    if setting.mode != "ratio" and isinstance(selector, LearnedSelector):
+        assert tokens is not None
+        return selector.select(tokens, mask, policy, keys=[])[1]
     return select_tokens(scores, mask, policy)
 
 
@@ -156,6 +168,7 @@ def image_records(keep: torch.Tensor, images: list[LabelledImage], batch: Encode
                   autoencoder: SelectorAutoencoder, probe: AttentionPoolProbe, labels: torch.Tensor) -> list[dict[str, Any]]:
     tokens, mask = batch.tokens.to(keep.device), batch.mask.to(keep.device)
     recon = reconstruction_error(autoencoder.reconstruct(tokens, mask, keep), tokens, mask).cpu()
+    spread = image_spread(tokens, mask).clamp(min=1e-12).cpu()
     correct = (probe_predict(probe, tokens, keep).cpu() == labels).tolist()
     keep = keep.cpu().numpy()
     records = []
@@ -171,6 +184,7 @@ def image_records(keep: torch.Tensor, images: list[LabelledImage], batch: Encode
             "text_patch_recall": metrics.text_patch_recall(kept, is_text),
             "nontext_patch_recall": metrics.nontext_patch_recall(kept, is_text),
             "recon_error": float(recon[row]),
+            "relative_error": float(recon[row] / spread[row]),
             "correct": bool(correct[row]),
         })
     return records
@@ -193,9 +207,13 @@ def setting_row(setting: Setting, records: list[dict[str, Any]], family: str) ->
         "mode": setting.mode,
         "keep_ratio": setting.keep_ratio,
         "threshold": setting.threshold,
+        "max_error": setting.max_error,
         "text_patch_recall": _mean([r["text_patch_recall"] for r in chosen]),
         "nontext_patch_recall": _mean([r["nontext_patch_recall"] for r in chosen]),
         "recon_error": _mean([r["recon_error"] for r in chosen]),
+        "relative_error": _mean([r["relative_error"] for r in chosen]),
+        "within_max_error": (_mean([float(r["relative_error"] <= setting.max_error + 1e-6) for r in chosen])
+                             if setting.max_error is not None else None),
         "probe_accuracy": _mean([float(r["correct"]) for r in chosen]),
         "mean_kept": _mean([float(r["n_kept"]) for r in chosen]),
         "kept_fraction": _mean([r["n_kept"] / r["n_tokens"] for r in chosen]),
@@ -212,7 +230,10 @@ def adaptive_summary(setting: Setting, records: list[dict[str, Any]], families: 
         return metrics.spearman([r["n_kept"] / r["n_tokens"] for r in chosen], [r["text_share"] for r in chosen])
 
     return {
+        "method": setting.method,
+        "mode": setting.mode,
         "threshold": setting.threshold,
+        "max_error": setting.max_error,
         "kept_per_image": kept,
         "mean_kept": {f: _mean([float(k) for k in counts]) for f, counts in kept.items()},
         "spearman_kept_fraction_vs_text_share": {"all": correlation(records), "document": correlation(documents)},
@@ -226,9 +247,12 @@ def image_table(records: dict[Setting, list[dict[str, Any]]]) -> list[dict[str, 
     table = [{"key": r["key"], "family": r["family"], "n_tokens": r["n_tokens"], "text_patch_share": r["text_share"]}
              for r in per_image]
     for setting, recs in records.items():
-        if setting.mode == "threshold":
+        if setting.mode in ("threshold", "error"):
+            name = (f"threshold_{setting.threshold:g}" if setting.mode == "threshold"
+                    else f"max_error_{setting.max_error:g}")
+            name = f"kept_{name}" if setting.method == "learned" else f"kept_{setting.method}_{name}"
             for entry, record in zip(table, recs):
-                entry[f"kept_threshold_{setting.threshold:g}"] = record["n_kept"]
+                entry[name] = record["n_kept"]
     return table
 
 
@@ -246,12 +270,19 @@ def headline(rows: list[dict[str, Any]], ratios: list[float]) -> dict[str, Any]:
     for ratio in [r for r in HEADLINE_RATIOS if r in ratios]:
         entry = {
             "document_text_patch_recall": {m: value("document", m, ratio, "text_patch_recall") for m in methods},
+            "document_recon_error": {m: value("document", m, ratio, "recon_error") for m in methods},
             "recon_error": {m: value("all", m, ratio, "recon_error") for m in methods},
             "probe_accuracy": {m: value("all", m, ratio, "probe_accuracy") for m in methods},
         }
         learned, oracle = entry["document_text_patch_recall"].get("learned"), entry["document_text_patch_recall"].get("oracle")
         if learned is not None and oracle:
             entry["learned_over_oracle_recall"] = learned / oracle
+        # Which method wins each figure (the oracle aside, it reads the ground truth): a baseline may.
+        for key in ("document_text_patch_recall", "document_recon_error", "recon_error"):
+            candidates = {m: v for m, v in entry[key].items() if m != "oracle" and v is not None and not math.isnan(v)}
+            if candidates:
+                pick = max if key.endswith("recall") else min
+                entry.setdefault("best", {})[key] = pick(candidates, key=candidates.get)
         result[f"ratio_{ratio}"] = entry
     return result
 
@@ -266,8 +297,10 @@ class OverlayCase:
     panels: list[tuple[str, np.ndarray]]
 
 
-def overlay_panels(cfg: EvaluateConfig, scores: dict[str, torch.Tensor], row: int, batch: EncodedBatch) -> list[tuple[str, np.ndarray]]:
+def overlay_panels(cfg: EvaluateConfig, scores: dict[str, torch.Tensor], row: int, batch: EncodedBatch,
+                   selectors: dict[str, Any] | None = None) -> list[tuple[str, np.ndarray]]:
     """random at r | learned at r | learned in threshold mode, for the methods that were evaluated."""
+    selectors = selectors or {}
     mask = batch.mask[row : row + 1].to(next(iter(scores.values())).device)
     wanted = [
         ("random", Setting("random", "ratio", keep_ratio=cfg.overlay_ratio), f"random r={cfg.overlay_ratio:g}"),
@@ -276,8 +309,10 @@ def overlay_panels(cfg: EvaluateConfig, scores: dict[str, torch.Tensor], row: in
     if cfg.thresholds:
         wanted.append(("learned", Setting("learned", "threshold", threshold=cfg.thresholds[0]), f"selector τ={cfg.thresholds[0]:g}"))
     n = int(batch.mask[row].sum())
+    tokens = batch.tokens[row : row + 1].to(mask.device)
     return [
-        (label, keep_mask(setting, scores[method][row : row + 1], mask, cfg.selector.min_tokens)[0, :n].cpu().numpy())
+        (label, keep_mask(setting, scores[method][row : row + 1], mask, cfg.selector.min_tokens, selectors.get(method),
+                          tokens)[0, :n].cpu().numpy())
         for method, setting, label in wanted
         if method in scores
     ]
@@ -319,7 +354,8 @@ def evaluate_heldout(cfg: EvaluateConfig, encoder: VisionEncoder, selectors: dic
         for method in cfg.methods:
             scores[method] = method_scores(method, selectors, images, batch, truth, device)
             for setting in settings_for(method, cfg):
-                keep = keep_mask(setting, scores[method], mask, cfg.selector.min_tokens)
+                keep = keep_mask(setting, scores[method], mask, cfg.selector.min_tokens, selectors.get(method),
+                                 batch.tokens.to(device))
                 digest = keep.cpu().numpy().tobytes()
                 if digest not in scored:
                     scored[digest] = image_records(keep, images, batch, truth, autoencoder, probe, labels)
@@ -327,7 +363,7 @@ def evaluate_heldout(cfg: EvaluateConfig, encoder: VisionEncoder, selectors: dic
         for row, item in enumerate(images):
             if len(overlays) < cfg.overlays and overlay_wanted(cfg, overlays, item.family):
                 tiles = grid_tile_tokens(batch, row)
-                panels = [(label, keep[tiles]) for label, keep in overlay_panels(cfg, scores, row, batch)]
+                panels = [(label, keep[tiles]) for label, keep in overlay_panels(cfg, scores, row, batch, selectors)]
                 overlays.append(OverlayCase(item, truth.boxes[row][tiles], panels))
         n_images += len(images)
         log.info(f"[evaluate] {n_images} held-out images evaluated ({time.monotonic() - started:.0f}s)")
@@ -350,8 +386,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     autoencoder = checkpoint.model.to(device).eval()
     selectors: dict[str, Any] = {}
     for method in cfg.methods:
-        if method == "learned":
-            selectors[method] = LearnedSelector(checkpoint, device)
+        if method in LEARNED_METHODS:
+            selectors[method] = LearnedSelector(checkpoint, device, strategy="rounds" if method == "learned" else "oneshot")
         elif method != "oracle":
             selectors[method] = build_selector(dataclasses.replace(cfg.selector, method=method), fingerprint, device, side=encoder.side)
     probe, probe_info = fit_probe(cfg, encoder, device)
@@ -360,7 +396,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     per_image = next(iter(records.values()))  # what does not depend on the method: family, token count, text
     families = sorted({r["family"] for r in per_image})
     rows = [setting_row(s, recs, f) for s, recs in records.items() for f in [*families, "all"]]
-    adaptive = [adaptive_summary(s, recs, families) for s, recs in records.items() if s.mode == "threshold"]
+    adaptive = [adaptive_summary(s, recs, families) for s, recs in records.items() if s.mode in ("threshold", "error")]
     plots = write_plots(cfg, rows, adaptive, overlays, families, n_tokens=max(r["n_tokens"] for r in per_image))
     images = image_table(records)
     summary = {
@@ -385,9 +421,11 @@ def write_plots(cfg: EvaluateConfig, rows: list[dict[str, Any]], adaptive: list[
         for f in families
     ]
     for entry in adaptive:
+        setting = (f"threshold_{entry['threshold']:g}" if entry["mode"] == "threshold" else f"max_error_{entry['max_error']:g}")
         paths.append(plot_kept_histogram(
-            entry["kept_per_image"], n_tokens, directory / f"kept_counts_threshold_{entry['threshold']:g}.png",
-            f"tokens kept per image, learned selector, threshold {entry['threshold']:g}",
+            entry["kept_per_image"], n_tokens,
+            directory / ("kept_counts_" + ("" if entry["method"] == "learned" else f"{entry['method']}_") + f"{setting}.png"),
+            f"tokens kept per image, {entry['method']}, {setting.replace('_', ' ')}",
         ))
     for index, case in enumerate(overlays):
         paths.append(plot_overlay(

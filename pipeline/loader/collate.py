@@ -13,8 +13,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 
 SAMPLE_FIELDS = ("key", "tokens", "positions", "n_tokens", "grid", "side")
 
@@ -40,12 +39,36 @@ def _lengths(samples: Sequence[dict[str, Any]]) -> torch.Tensor:
     return torch.tensor([s["tokens"].shape[0] for s in samples], dtype=torch.int64)
 
 
+def _empty(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A tensor for a batch; inside a DataLoader worker in shared memory already, as ``default_collate`` does, so
+    handing it to the training loop does not copy it again."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=like.dtype)
+    numel = 1
+    for size in shape:
+        numel *= size
+    return like.new(like._typed_storage()._new_shared(numel, device="cpu")).view(shape)
+
+
+def _padded(tensors: Sequence[torch.Tensor], length: int, value: float) -> torch.Tensor:
+    out = _empty(tensors[0], (len(tensors), length, *tensors[0].shape[1:]))
+    for row, tensor in zip(out, tensors):
+        n = tensor.shape[0]
+        row[:n].copy_(tensor)
+        row[n:].fill_(value)
+    return out
+
+
 def pad_collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """``tokens [B, L, D]`` (zeros in padding), ``attention_mask [B, L]`` bool, ``positions [B, L]`` (-1 in padding)."""
+    """``tokens [B, L, D]`` (zeros in padding), ``attention_mask [B, L]`` bool, ``positions [B, L]`` (-1 in padding).
+
+    Tokens keep the samples' dtype: with the stored float16 the batch is half the bytes; cast on the device.
+    """
     batch = _common(samples)
     lengths = _lengths(samples)
-    tokens = pad_sequence([s["tokens"] for s in samples], batch_first=True)
-    positions = pad_sequence([s["positions"] for s in samples], batch_first=True, padding_value=-1)
+    longest = int(lengths.max())
+    tokens = _padded([s["tokens"] for s in samples], longest, 0)
+    positions = _padded([s["positions"] for s in samples], longest, -1)
     attention_mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
     return {"tokens": tokens, "attention_mask": attention_mask, "positions": positions, "lengths": lengths, **batch}
 
@@ -56,8 +79,11 @@ def pack_collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     lengths = _lengths(samples)
     cu_seqlens = torch.zeros(len(samples) + 1, dtype=torch.int32)
     torch.cumsum(lengths, dim=0, out=cu_seqlens[1:])
+    token_list = [s["tokens"] for s in samples]
+    tokens = _empty(token_list[0], (int(lengths.sum()), *token_list[0].shape[1:]))
+    torch.cat(token_list, out=tokens)
     return {
-        "tokens": torch.cat([s["tokens"] for s in samples]),
+        "tokens": tokens,
         "positions": torch.cat([s["positions"] for s in samples]),
         "cu_seqlens": cu_seqlens,
         "max_seqlen": int(lengths.max()),

@@ -5,7 +5,11 @@ starting at worker 0, skipping a worker once it has yielded all its batches. The
 batch it yields (counting ``len(batch["keys"])`` samples), so it knows which worker produced it. A resumed
 iterator starts its round-robin at the worker that was due next: DataLoader worker ``i`` serves worker stream
 ``(i + next_worker) % num_workers``, which makes the resumed sequence identical to the uninterrupted one.
-Iterating the dataset directly in the main process (no workers) counts each yielded sample itself.
+Iterating the dataset directly in the main process (no workers) counts each yielded sample itself. Loaded with
+every rank's state (a list), a loader with another ``num_workers`` or world size splits the rest of the epoch anew.
+
+Batches leave the workers in shared memory (the collates allocate them there) and, with ``tokens_dtype=None`` on
+the dataset, in the stored dtype: pass ``pin_memory=True`` on a GPU host and cast on the device.
 """
 
 from __future__ import annotations

@@ -1,10 +1,18 @@
 """The order a worker reads a compress output in, and the count of what it delivered; pure functions of numbers.
 
-Each epoch the manifest's files are permuted with ``(seed, epoch)`` and concatenated; the ``N`` rows are cut into
-``world_size * num_workers`` contiguous, balanced ranges (sizes differ by at most one), one per global worker
-``rank * num_workers + worker_id``. A worker streams its range row group by row group through a bounded shuffle
-buffer seeded by ``(seed, epoch, global worker)``. The buffer runs on row *indices* first, so a worker's whole
-output order depends only on the manifest's row counts and those numbers.
+Each epoch the manifest's files are permuted with ``(seed, epoch)`` and concatenated into one stream of ``N``
+rows: the epoch's canonical positions. The positions still owed this epoch (all of them, or those a resumed state
+did not record as emitted) are cut into ``world_size * num_workers`` contiguous, balanced parts (sizes differ by at
+most one), one per global worker ``rank * num_workers + worker_id``. A worker cuts its part into shuffle windows of
+``window`` consecutive positions (sized from the shuffle buffer's bytes) and emits each window in a permutation
+seeded by ``(seed, epoch, base, global worker, window)``: it holds at most one window (plus the row groups being
+read ahead), never copies a row into a buffer, and reads each row group once, whole.
+
+The state of an epoch is the set of positions the training loop received, a bit per position. Resumed with the
+same world size and workers, each worker drops the first ``consumed`` indices of its order and the run continues
+batch for batch as the uninterrupted one would. Resumed with another world size or worker count, the union of
+every old rank's set becomes the new *base*: the remaining positions are split over the new workers, so every
+sample of the epoch is delivered exactly once across the runs (elastic resume).
 
 Ranks' shares differ by at most ``num_workers`` samples, so their batch counts may differ by one at the end of an
 epoch; DDP training should stop each epoch at the shortest rank's step count (or use ``join``).
@@ -12,6 +20,8 @@ epoch; DDP training should stop each epoch at the shortest rank's step count (or
 
 from __future__ import annotations
 
+import base64
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -50,6 +60,30 @@ def shuffle_buffer_order(n: int, buffer_size: int, rng: np.random.Generator) -> 
         buffer[slot] = incoming
     order.extend(buffer[i] for i in rng.permutation(size).tolist())
     return np.asarray(order, dtype=np.int64)
+
+
+def window_order(n: int, window: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices ``0..n-1`` in consecutive windows of ``window``, each permuted: the item emitted ``t``-th has index
+    ``< (t // window + 1) * window``, so a reader holds one window at a time."""
+    if window <= 1:
+        return np.arange(n, dtype=np.int64)
+    order = np.empty(n, dtype=np.int64)
+    for start in range(0, n, window):
+        stop = min(n, start + window)
+        order[start:stop] = start + rng.permutation(stop - start)
+    return order
+
+
+def encode_mask(mask: np.ndarray) -> str:
+    """A bool mask as JSON-able text: packed bits, zlib, base64 (runs of emitted samples compress to little)."""
+    return base64.b64encode(zlib.compress(np.packbits(mask.astype(bool)).tobytes(), 6)).decode("ascii")
+
+
+def decode_mask(text: str, n: int) -> np.ndarray:
+    bits = np.frombuffer(zlib.decompress(base64.b64decode(text)), dtype=np.uint8)
+    if len(bits) != (n + 7) // 8:
+        raise ValueError(f"loader state's sample set covers {len(bits) * 8} positions, this output has {n}")
+    return np.unpackbits(bits)[:n].astype(bool)
 
 
 def stream_pieces(files: Sequence[DataFile], order: np.ndarray, start: int, stop: int) -> list[tuple[int, int, int]]:

@@ -11,7 +11,7 @@ import ray.data
 from ray.data.collate_fn import ArrowBatchCollateFn
 
 from pipeline.loader.collate import pad_collate
-from pipeline.loader.reading import READ_COLUMNS, SampleDecoder, committed_output, passthrough_to_read
+from pipeline.loader.reading import SampleDecoder, committed_output, passthrough_to_read, token_columns
 from pipeline.storage import filesystem_for
 
 
@@ -27,7 +27,7 @@ def read_pruned(
     fs, _ = filesystem_for(output.output_dir, dict(storage_options or {}))
     arrow_fs = pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
     paths = [filesystem_for(f.url, dict(storage_options or {}))[1] for f in output.files]
-    columns = [*READ_COLUMNS, *passthrough_to_read(output.schema, columns)]
+    columns = [*token_columns(output.meta["dtype"]), *passthrough_to_read(output.schema, columns)]
     return ray.data.read_parquet(paths, filesystem=arrow_fs, columns=columns, **read_kwargs)
 
 
@@ -41,7 +41,7 @@ def ray_collate_fn(
 
     class PrunedBatchCollate(ArrowBatchCollateFn):
         def __call__(self, batch: pa.Table) -> Any:
-            columns = tuple(name for name in batch.column_names if name not in READ_COLUMNS)
+            columns = tuple(name for name in batch.column_names if name not in token_columns(meta["dtype"]))
             return collate(SampleDecoder(meta["dtype"], meta["dim"], meta["side"], columns).samples(batch))
 
     return PrunedBatchCollate()

@@ -1,5 +1,6 @@
-"""Find and remove attempt files no commit marker references (crashed or lost attempts), and temporary files
-that local writes left behind (a crash or a full disk between write and rename)."""
+"""Find and remove attempt files no current commit marker references (crashed or lost attempts; the versions
+of changed or removed inputs that the manifest no longer shows, with their markers), and temporary files that
+local writes left behind (a crash or a full disk between write and rename)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pipeline.output.commit import (
     COMMITTED_DIR,
     DATA_DIR,
     QUARANTINE_DIR,
+    STAGING_DIR,
     by_source,
     list_committed,
     load_markers,
@@ -22,12 +24,21 @@ from pipeline.output.commit import (
     set_aside_if_corrupt,
     write_marker_index,
 )
-from pipeline.output.manifest import current_shards, read_manifest, write_manifest
+from pipeline.output.manifest import (
+    MANIFEST_NAME,
+    current_shards,
+    marker_name,
+    read_manifest,
+    read_retired,
+    write_manifest,
+)
 from pipeline.storage import TMP_SUFFIX, filesystem_for, url_for
 
 log = logging.getLogger(__name__)
 
-ATTEMPT_DIRS = (DATA_DIR, QUARANTINE_DIR)
+# _staging/ holds attempts not yet committed: no marker ever names a file there, so past the grace period
+# every one is garbage (a crashed or lost attempt's, or a staged copy whose delete did not happen).
+ATTEMPT_DIRS = (DATA_DIR, QUARANTINE_DIR, STAGING_DIR)
 # compress writes _config.json before any data file, so a run that crashed before its first commit is found too.
 OUTPUT_MARKERS = ("_config.json", COMMITTED_DIR)
 
@@ -76,19 +87,50 @@ def find_orphans(cfg: GcConfig, now: float | None = None) -> list[Orphan]:
     protocol = cfg.path.split("://", 1)[0] + "://" if "://" in cfg.path else ""
     orphans = []
     for output_dir in output_dirs(fs, root):
-        referenced = set()
-        for shard in list_committed(protocol + output_dir, options).values():
-            referenced.update(f.path for f in shard.files + shard.quarantine_files)
+        referenced, superseded = _references(fs, protocol + output_dir, options, now)
+        for name, (age_hours, _) in superseded.items():
+            if age_hours >= cfg.grace_hours:  # the marker goes first, so no marker ever names a deleted file
+                marker = f"{output_dir}/{COMMITTED_DIR}/{name}"
+                orphans.append(Orphan(url=protocol + marker, bytes=0, age_hours=age_hours))
+        retired_files = {path: age for age, paths in superseded.values() for path in paths}
         for folder in ATTEMPT_DIRS:
             if not fs.exists(f"{output_dir}/{folder}"):
                 continue
             for path, info in sorted(fs.find(f"{output_dir}/{folder}", detail=True).items()):
                 relative = path[len(output_dir) + 1:]
                 age_hours = (now - _modified(info)) / 3600
+                if relative in retired_files:  # a superseded or removed input's: its grace runs from then
+                    age_hours = retired_files[relative]
                 if relative not in referenced and age_hours >= cfg.grace_hours and not _is_temporary(path):
                     orphans.append(Orphan(url=protocol + path, bytes=int(info.get("size", 0)), age_hours=age_hours))
         orphans.extend(_temporaries(fs, output_dir, protocol, now, cfg.grace_hours))
     return sorted(orphans, key=lambda o: o.url)
+
+
+def _references(fs, output_dir: str, options: dict, now: float) -> tuple[set[str], dict[str, tuple[float, list[str]]]]:
+    """(files a current marker or the manifest references, {superseded marker name: (hours since it left the
+    manifest, its files)}). Current: the manifest shows it, or it was committed after the manifest was written
+    (a run in progress). Without a manifest every marker is current."""
+    markers = list_committed(output_dir, options)
+    try:
+        shown = read_manifest(output_dir, options)
+        written = _modified(fs.info(filesystem_for(f"{output_dir}/{MANIFEST_NAME}", options)[1]))
+    except (FileNotFoundError, ValueError):
+        shown, written = None, now
+    # What the manifest shows is read by loaders now (its keep_first copies, a torn marker's files until a rerun
+    # replaces them), so it is never collected.
+    referenced = {row["path"] for row in shown or []}
+    shown_versions = {(row["shard_id"], row["source_fingerprint"]) for row in shown or []}
+    retired = read_retired(output_dir, options)
+    superseded = {}
+    for key, shard in markers.items():
+        files = [f.path for f in shard.files + shard.quarantine_files]
+        if shown is None or key in shown_versions or shard.committed_at > written:
+            referenced.update(files)
+        else:
+            name = marker_name(shard)
+            superseded[name] = ((now - retired.get(name, written)) / 3600, files)
+    return referenced, superseded
 
 
 def _is_temporary(path: str) -> bool:
@@ -129,7 +171,10 @@ def repair_output(output_dir: str, storage_options: dict) -> dict:
         shown = {row["shard_id"]: row["source_fingerprint"] for row in read_manifest(output_dir, storage_options)}
     except (FileNotFoundError, ValueError):
         shown = {}
-    visible = current_shards(by_source(markers), shown)
+    retired = read_retired(output_dir, storage_options)
+    # A version a run already dropped from the manifest (a removed or changed input) does not come back.
+    visible = [s for s in current_shards(by_source(markers), shown)
+               if s.shard_id in shown or marker_name(s) not in retired]
     write_manifest(output_dir, visible, storage_options)
     write_marker_index(output_dir, markers, storage_options)
     log.info(f"[gc] repaired {output_dir}: {len(markers)} markers read, {len(corrupt)} set aside, "

@@ -17,6 +17,7 @@ import ray.train.torch
 import torch
 
 from pipeline.config import ConfigError
+from pipeline.failpoints import maybe_fail
 from pipeline.loader import PrunedTokenDataset, PrunedTokenLoader
 from pipeline.loader.collate import pack_collate, pad_collate
 from pipeline.output.manifest import MANIFEST_NAME
@@ -30,14 +31,18 @@ from pipeline.vlm.train import (
     TORCH_DTYPES,
     checkpoint_url,
     endless,
+    load_resume_training,
+    load_resume_weights,
     load_vlm,
     loss_summary,
     make_optimizer,
     prepare_for_training,
     pretrained_projector_dim,
+    read_resume_point,
     read_sidecar,
     require_token_dim,
     save_checkpoint,
+    save_resume_point,
     train_steps,
 )
 
@@ -56,23 +61,38 @@ def train_worker(config: dict[str, Any]) -> None:
 
     dataset = PrunedTokenDataset(
         config["data"], storage_options=storage_options, seed=cfg.train.seed, shuffle_buffer=cfg.train.shuffle_buffer,
-        columns=["caption"], rank=rank, world_size=world,
+        columns=["caption"], rank=rank, world_size=world, tokens_dtype=None,  # stored dtype; widened on the device
     )
     model, tokenizer = load_vlm(cfg.model, dataset.meta["dim"], dataset.meta["side"])
     params = prepare_for_training(model, cfg.train.language_model)
+    point = read_resume_point(cfg.output, storage_options) if cfg.train.resume else None
+    if point is not None:
+        load_resume_weights(model, point, cfg.train.language_model, storage_options)
     collator = CaptionCollator(tokenizer, image_token_id(model), image_newline(model) is not None, cfg.model.prompt,
                                pad_collate if cfg.train.max_tokens is None else pack_collate)
     if cfg.train.max_tokens is None:
         sizes = {"batch_size": cfg.train.batch_size}
     else:
         sizes = {"max_tokens": cfg.train.max_tokens, "max_samples": cfg.train.batch_size}
-    loader = PrunedTokenLoader(dataset, collate_fn=collator, num_workers=cfg.train.loader_workers, **sizes)
+    loader = PrunedTokenLoader(dataset, collate_fn=collator, num_workers=cfg.train.loader_workers,
+                               pin_memory=device.type == "cuda", **sizes)
     # Batches where no high-res row survives leave image_newline without a gradient.
     loss_module = ray.train.torch.prepare_model(
         CaptionLoss(model), parallel_strategy_kwargs={"find_unused_parameters": True}
     )
     optimizer, scheduler = make_optimizer(params, cfg.train)
+    start_step, losses = 0, []
+    if point is not None:
+        start_step, losses = load_resume_training(point, optimizer, scheduler, loader, storage_options)
+        if rank == 0:
+            worker_log(f"[{PROG}] resuming at step {start_step} from {point['directory']}")
     started = time.monotonic()
+
+    def on_step(step: int, losses: list[float]) -> None:
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
+            save_resume_point(cfg.output, step, model, optimizer, scheduler, cfg, loader.state_dict(), losses,
+                              rank=rank, world_size=world, storage_options=storage_options)
+        maybe_fail("ATR_FAIL_VLM_AFTER_STEPS", step)
 
     def on_log(step: int, window: list[float]) -> None:
         loss = mean_over_workers({"loss": sum(window) / len(window)})["loss"]
@@ -81,7 +101,8 @@ def train_worker(config: dict[str, Any]) -> None:
                        f"{time.monotonic() - started:.0f}s")
 
     losses = train_steps(loss_module, endless(loader), optimizer, scheduler, cfg.train, device=device,
-                         autocast_dtype=TORCH_DTYPES[cfg.model.dtype], on_log=on_log)
+                         autocast_dtype=TORCH_DTYPES[cfg.model.dtype], on_log=on_log, start_step=start_step,
+                         losses=losses, on_step=on_step)
     window = loss_summary(losses, cfg.train.log_every)
     window = mean_over_workers(window)
     if rank == 0:

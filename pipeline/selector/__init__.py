@@ -1,8 +1,9 @@
 """Which vision tokens to keep: the paper's learned selector and the training-free baselines, one interface.
 
     selector = build_selector(cfg.selector, encoder.fingerprint(), device)
-    scores = selector.scores(tokens, mask, keys=keys, cls_attention=cls_attention)   # [B, N], higher = keep
-    keep = select_tokens(scores, mask, cfg.selector)                                 # [B, N] bool
+    scores, keep = choose_tokens(selector, tokens, mask, cfg.selector, keys=keys, cls_attention=cls_attention)
+    # scores [B, N] (higher = keep), keep [B, N] bool; for a fixed-score method this is
+    # scores = selector.scores(tokens, mask, keys=keys, ...); keep = select_tokens(scores, mask, cfg.selector)
 """
 
 from __future__ import annotations
@@ -23,9 +24,13 @@ from pipeline.selector.baselines import (
 from pipeline.selector.checkpoint import load_checkpoint
 from pipeline.selector.learned import LearnedSelector
 from pipeline.selector.model import SelectorAutoencoder
-from pipeline.selector.policy import TokenSelector, select_tokens
+from pipeline.selector.policy import TokenSelector, choose_tokens, select_tokens
 
-__all__ = ["SelectorAutoencoder", "TokenSelector", "build_selector", "load_checkpoint", "select_tokens"]
+# Bumped whenever a method picks different tokens from the same checkpoint and settings, so that cfg_hash
+# changes and old and new selections never share an output prefix.
+SELECTION_VERSIONS = {"learned": "set-aware-rounds-1", "learned_oneshot": "oneshot-1"}
+
+__all__ = ["SELECTION_VERSIONS", "SelectorAutoencoder", "TokenSelector", "build_selector", "choose_tokens", "load_checkpoint", "select_tokens"]
 
 
 def build_selector(
@@ -38,20 +43,21 @@ def build_selector(
 ) -> TokenSelector:
     """The selector ``cfg.method`` names.
 
-    ``learned`` loads ``cfg.checkpoint`` (a checkpoint directory, its sidecar, or a training output's
+    ``learned`` (set-aware, in rounds with the trained reconstructor) and ``learned_oneshot`` (the paper's
+    independent keep probabilities) load ``cfg.checkpoint`` (a checkpoint directory, its sidecar, or a training output's
     ``checkpoints/`` root) and refuses it when ``encoder_fingerprint`` is given and differs from the one it was
     trained on. ``side`` (patches per tile side) lets ``uniform`` place its stride on multi-tile images.
     """
-    if cfg.method == "learned":
+    if cfg.method in ("learned", "learned_oneshot"):
         if not cfg.checkpoint:
             raise ConfigError(
-                "selector.checkpoint: method=learned needs a checkpoint; train one with python -m jobs.train_selector "
+                f"selector.checkpoint: method={cfg.method} needs a checkpoint; train one with python -m jobs.train_selector "
                 "and pass selector.checkpoint=PATH, or pick a baseline with selector.method=..."
             )
         checkpoint = load_checkpoint(cfg.checkpoint, storage_options)
         if encoder_fingerprint is not None:
             checkpoint.check_encoder(encoder_fingerprint)
-        return LearnedSelector(checkpoint, device)
+        return LearnedSelector(checkpoint, device, strategy="rounds" if cfg.method == "learned" else "oneshot")
     if cfg.method == "none":
         return KeepAllSelector()
     if cfg.method == "random":

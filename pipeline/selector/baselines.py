@@ -134,11 +134,12 @@ class ClsAttentionSelector:
         return self.name
 
 
-def diversity_ranks(tokens: Tensor, mask: Tensor) -> Tensor:
+def diversity_ranks(tokens: Tensor, mask: Tensor, weight: Tensor | None = None) -> Tensor:
     """DivPrune's greedy max-min diversity over cosine distance: each token's place ``[B, N]`` in the picking
     order. The first pick is the token farthest from its nearest neighbour; each next one is the token farthest
     from everything picked so far.
 
+    With ``weight [B, N]`` (e.g. learned keep scores) each candidate's min-distance is multiplied by its weight.
     Holds a ``[B, N, N]`` distance matrix; the loop is over picks, batched across images.
     """
     batch, length, _ = tokens.shape
@@ -147,6 +148,9 @@ def diversity_ranks(tokens: Tensor, mask: Tensor) -> Tensor:
     others = mask[:, None, :] & ~torch.eye(length, dtype=torch.bool, device=tokens.device)
     # A lone token has no neighbour (inf); any finite value lets it be picked.
     candidate = distance.masked_fill(~others, float("inf")).amin(-1).nan_to_num(posinf=0.0)
+    weight = None if weight is None else weight.float().masked_fill(~mask, 0).clamp(min=0)
+    if weight is not None:
+        candidate = candidate * weight
     rows = torch.arange(batch, device=tokens.device)
     taken = torch.zeros_like(mask)
     ranks = torch.full(mask.shape, length, dtype=torch.long, device=tokens.device)
@@ -158,7 +162,7 @@ def diversity_ranks(tokens: Tensor, mask: Tensor) -> Tensor:
         taken[rows, pick] = True
         to_pick = distance[rows, pick]
         min_distance = to_pick if min_distance is None else torch.minimum(min_distance, to_pick)
-        candidate = min_distance
+        candidate = min_distance if weight is None else min_distance * weight
     return ranks
 
 

@@ -29,6 +29,19 @@ class TokenSelector(Protocol):
         ...
 
 
+def choose_tokens(selector: TokenSelector, tokens: Tensor, mask: Tensor, cfg: SelectorConfig, *, keys: list[str],
+                  cls_attention: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(scores, keep-mask) of ``selector`` in ``cfg``'s mode. A selector whose choice is not a cut of fixed
+    scores (the set-aware learned one in threshold and error modes) has a ``select`` of its own."""
+    select = getattr(selector, "select", None)
+    if select is not None:
+        return select(tokens, mask, cfg, keys=keys, cls_attention=cls_attention)
+    if cfg.mode == "error":
+        raise ValueError(f"selector.mode=error needs a learned selector, not {selector.name}")
+    scores = selector.scores(tokens, mask, keys=keys, cls_attention=cls_attention)
+    return scores, select_tokens(scores, mask.to(scores.device), cfg)
+
+
 def mask_padding(scores: Tensor, mask: Tensor) -> Tensor:
     return scores.float().masked_fill(~mask, float("-inf"))
 
@@ -52,6 +65,7 @@ def select_tokens(scores: Tensor, mask: Tensor, cfg: SelectorConfig) -> Tensor:
     """
     if cfg.method == "none":
         return mask.clone()
+    assert cfg.mode != "error", "mode=error is the learned selector's select(), not a cut of scores"
     valid = mask.sum(1)
     floor = valid.clamp(max=cfg.min_tokens)
     ranks = score_ranks(scores, mask)

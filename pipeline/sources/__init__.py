@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 from pipeline.config import InputConfig
 from pipeline.sources.folder_reader import read_folder_shard
-from pipeline.sources.listing import list_shards
+from pipeline.sources.listing import InputListing, dataset_root, list_input, list_shards
 from pipeline.sources.parquet_reader import read_parquet_shard
 from pipeline.sources.samples import (
     REST_OF_SHARD,
@@ -21,7 +21,8 @@ from pipeline.sources.samples import (
 )
 from pipeline.sources.tar_reader import read_tar_shard
 
-__all__ = ["REST_OF_SHARD", "Quarantined", "RawSample", "ShardRef", "iter_shard", "list_shards"]
+__all__ = ["REST_OF_SHARD", "InputListing", "Quarantined", "RawSample", "ShardRef", "dataset_root", "iter_shard",
+           "list_input", "list_shards"]
 
 _READERS = {"webdataset": read_tar_shard, "parquet": read_parquet_shard, "folder": read_folder_shard}
 

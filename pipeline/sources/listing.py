@@ -38,7 +38,7 @@ class _Found:
     """A file the pattern reaches, and the names it gets in shard ids and folder shards."""
 
     url: str
-    rel: str  # relative to the fixed part of the pattern that reached it
+    rel: str  # relative to the dataset root (input.root)
     folder: str  # URL of the folder a folder shard groups it under: the matched directory, or the file's parent
     folder_rel: str
     member: str  # relative to ``folder``
@@ -53,9 +53,24 @@ class _Found:
         return "folder" if split_member(name)[1] in IMAGE_EXTENSIONS else None
 
 
+@dataclass(frozen=True)
+class InputListing:
+    """What the input pattern reaches: the shards, and the brace members that do not exist (skipped)."""
+
+    root: str
+    shards: list[ShardRef]
+    missing: list[str]
+
+
 def list_shards(cfg: InputConfig, storage_options: dict[str, Any]) -> list[ShardRef]:
     """The input shards, sorted by URL. Raises ConfigError naming ``input.path`` when nothing usable matches."""
-    found = _find(cfg.path, storage_options)
+    return list_input(cfg, storage_options).shards
+
+
+def list_input(cfg: InputConfig, storage_options: dict[str, Any]) -> InputListing:
+    """:func:`list_shards` plus the dataset root the shard ids are relative to and the missing brace members."""
+    root = dataset_root(cfg)
+    found, missing = _find(cfg, root, storage_options)
     fmt = _detect_format(cfg, found)
     if fmt == "folder":
         shards = _folder_shards(found, cfg.folder_shard_size)
@@ -64,17 +79,56 @@ def list_shards(cfg: InputConfig, storage_options: dict[str, Any]) -> list[Shard
             if f.kind == fmt and "problem" in f.info:
                 log.warning(f"[listing] skipped {f.url}: {f.info['problem']}")
         shards = [_file_shard(f, fmt) for f in found if f.kind == fmt and "problem" not in f.info]
-    return sorted(_unique_ids(shards), key=lambda s: (s.url, s.shard_id))
+    if missing:
+        log.info(f"[listing] {len(missing)} brace members of input.path do not exist (skipped, input.missing=skip), "
+                 f"e.g. {missing[0]}")
+    return InputListing(root=root, shards=sorted(_unique_ids(shards), key=lambda s: (s.url, s.shard_id)),
+                        missing=missing)
 
 
-def _find(pattern: str, storage_options: dict[str, Any]) -> list[_Found]:
+def dataset_root(cfg: InputConfig) -> str:
+    """``input.root``, else the longest fixed prefix of ``input.path`` cut at a ``/``: the folder itself for a
+    folder, the parent for one file, the part before the first glob or brace character for a pattern."""
+    if cfg.root:
+        return cfg.root.rstrip("/") or "/"
+    path = cfg.path
+    special = re.search(r"[*?\[{]", path)
+    if special:
+        fixed = path[: special.start()]
+        root = fixed[: fixed.rfind("/")] if "/" in fixed else ""
+    elif _looks_like_file(path):
+        root = path[: path.rfind("/")] if "/" in path else ""
+    else:
+        root = path.rstrip("/")
+    if root == "" and path.startswith("/"):
+        return "/"
+    return root or "."
+
+
+def _looks_like_file(path: str) -> bool:
+    name = path.rstrip("/").rsplit("/", 1)[-1].lower()
+    return name.endswith(tuple(s for suffixes in FILE_SUFFIXES.values() for s in suffixes)) or \
+        split_member(name)[1] in IMAGE_EXTENSIONS
+
+
+def _find(cfg: InputConfig, root: str, storage_options: dict[str, Any]) -> tuple[list[_Found], list[str]]:
     found: dict[str, _Found] = {}
-    alternatives = list(braceexpand(pattern))
+    missing: list[str] = []
+    alternatives = list(braceexpand(cfg.path))
     listed = listed_infos(alternatives, storage_options)  # a listing per folder, not a HEAD per name
+    _, root_path = filesystem_for(root, storage_options)
+    root_path = root_path.rstrip("/") or "/"
     for alternative in alternatives:
         fs, path = filesystem_for(alternative, storage_options)
         fs.invalidate_cache()  # a long-lived process must see shards added or rewritten since its last listing
-        base, matches = _matches(fs, path, alternative, listed)
+        try:
+            matches = _matches(fs, path, alternative, listed)
+        except ConfigError:
+            # A member of a brace range that is not there (yet): a nightly range fills up over time.
+            if len(alternatives) == 1 or cfg.missing == "error":
+                raise
+            missing.append(alternative)
+            continue
         for match, info in matches.items():
             if info["type"] == "directory":
                 folder, files = match, list_folder(fs, match).items()
@@ -82,28 +136,45 @@ def _find(pattern: str, storage_options: dict[str, Any]) -> list[_Found]:
                 folder, files = posixpath.dirname(match), [(match, info)]
             for file, file_info in files:
                 url = url_for(fs, file)
-                found.setdefault(url, _Found(
-                    url=url,
-                    rel=posixpath.relpath(file, base),
-                    folder=url_for(fs, folder),
-                    folder_rel=posixpath.relpath(folder, base),
-                    member=posixpath.relpath(file, folder),
-                    info=file_info,
-                ))
-    return sorted(found.values(), key=lambda f: f.url)
+                if url not in found:
+                    found[url] = _Found(
+                        url=url,
+                        rel=_relative(file, root_path, cfg),
+                        folder=url_for(fs, folder),
+                        folder_rel=_relative(folder, root_path, cfg),
+                        member=_below(file, folder),
+                        info=file_info,
+                    )
+    if not found and missing:
+        raise ConfigError(f"input.path: none of the {len(missing)} names of {cfg.path!r} exists "
+                          f"(e.g. {missing[0]})")
+    return sorted(found.values(), key=lambda f: f.url), missing
+
+
+def _relative(path: str, root_path: str, cfg: InputConfig) -> str:
+    if path != root_path and not path.startswith(root_path.rstrip("/") + "/"):
+        raise ConfigError(f"input.root: {dataset_root(cfg)!r} is not above {path!r}, which input.path reaches; "
+                          "set input.root to a folder that holds every input shard (or leave it unset)")
+    return _below(path, root_path)
+
+
+def _below(path: str, folder: str) -> str:
+    """``posixpath.relpath`` for a path inside ``folder``, without its per-call ``abspath`` (100k shards)."""
+    if path == folder:
+        return "."
+    return path[len(folder.rstrip("/")) + 1:]
 
 
 def _matches(fs: AbstractFileSystem, path: str, alternative: str,
-             listed: dict[str, dict[str, Any]] | None = None) -> tuple[str, dict[str, dict[str, Any]]]:
-    """(the fixed directory part of ``path``, {matched path: info}); a plain path must exist."""
-    glob = _GLOB.search(path)
-    if glob:
-        return posixpath.dirname(path[: glob.start()]), fs.glob(path, detail=True)
+             listed: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """{matched path: info}; a plain path must exist."""
+    if _GLOB.search(path):
+        return fs.glob(path, detail=True)
     try:
         info = (listed or {}).get(path) or fs.info(path)
     except FileNotFoundError:
         raise ConfigError(f"input.path: {alternative} does not exist") from None
-    return (path if info["type"] == "directory" else posixpath.dirname(path)), {path: info}
+    return {path: info}
 
 
 def _detect_format(cfg: InputConfig, found: list[_Found]) -> ShardFormat:
@@ -133,7 +204,7 @@ def _file_shard(found: _Found, fmt: ShardFormat) -> ShardRef:
     suffix = next(s for s in FILE_SUFFIXES[fmt] if found.rel.lower().endswith(s))
     stem = found.rel[: -len(suffix)]
     return ShardRef(
-        shard_id=_safe_id(stem, found.url),
+        shard_id=_safe_id(stem.replace("/", "__"), found.url),
         url=found.url,
         fingerprint=_fingerprint(found.info),
         size=int(found.info["size"]),
@@ -156,7 +227,8 @@ def _folder_shards(found: list[_Found], shard_size: int) -> list[ShardRef]:
         if not keys:
             continue
         any_file = by_key[keys[0]][0]
-        label = _safe_id(posixpath.basename(folder) if any_file.folder_rel == "." else any_file.folder_rel, folder)
+        label = _safe_id(posixpath.basename(folder) if any_file.folder_rel == "." else
+                         any_file.folder_rel.replace("/", "__"), folder)
         for index in range(0, len(keys), shard_size):
             files = sorted(
                 (f for key in keys[index : index + shard_size] for f in by_key[key]),

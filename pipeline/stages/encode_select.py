@@ -22,7 +22,7 @@ from pipeline.config import CompressConfig
 from pipeline.encoders import VisionEncoder
 from pipeline.encoders.gpu_preprocess import prepare_images
 from pipeline.failpoints import maybe_fail
-from pipeline.selector import TokenSelector, build_selector, select_tokens
+from pipeline.selector import TokenSelector, build_selector, choose_tokens
 from pipeline.sources.decode import DecodeError
 from pipeline.stages.decode import decode_on_cpu
 from pipeline.stages.gpu_decode import decode_jpegs, gpu_decode_requested, load_nvjpeg
@@ -165,8 +165,8 @@ class EncodeSelectStage:
         tokens, mask = per_image(features, staged.tile_counts)
         cls_attention = per_image(attention, staged.tile_counts)[0] if attention is not None else None
         keys = [row["key"] for row in staged.samples]
-        scores = self.selector.scores(tokens, mask, keys=keys, cls_attention=cls_attention)
-        keep = select_tokens(scores, mask.to(scores.device), self.cfg.selector)
+        scores, keep = choose_tokens(self.selector, tokens, mask, self.cfg.selector, keys=keys,
+                                     cls_attention=cls_attention)
         selected = SelectedBatch(staged, tokens, scores, keep)
         if self.gather_stream is not None:
             selected.ready = torch.cuda.Event()

@@ -17,7 +17,14 @@ import torch
 from torch import Tensor
 
 from pipeline.encoders import VisionEncoder
-from pipeline.output.format import MAX_BINARY_BYTES, TORCH_DTYPES, binary_array, tokens_to_storage
+from pipeline.output.format import (
+    MAX_BINARY_BYTES,
+    binary_array,
+    join_scales,
+    quantize,
+    storage_view,
+    token_record_bytes,
+)
 
 
 def encode_tiles(encoder: VisionEncoder, tiles: Tensor, *, with_cls_attention: bool) -> tuple[Tensor, Tensor | None]:
@@ -75,7 +82,7 @@ def _to_device(host: Tensor, device: torch.device) -> Tensor:
 class KeptTokens:
     """A batch's kept tokens on the host: concatenated in image order, each image's in token order."""
 
-    token_bytes: np.ndarray  # uint8: [sum n_kept, dim] little-endian in the stored dtype
+    token_bytes: np.ndarray  # uint8: [sum n_kept, dim] little-endian in the stored dtype (+ float32 scale if quantized)
     bytes_per_token: int
     positions: np.ndarray  # int32 [sum n_kept]: each kept token's flat index in its image
     n_kept: np.ndarray  # int64 [B]
@@ -105,17 +112,20 @@ class KeptTokens:
 
 
 def gather_kept(tokens: Tensor, scores: Tensor, keep: Tensor, dtype: str, *, with_scores: bool) -> KeptTokens:
-    """The tokens where ``keep`` [B, N] is true, cast to ``dtype`` on the device, then copied to the host."""
+    """The tokens where ``keep`` [B, N] is true, cast (or quantized, with per-token scales) to ``dtype`` on the
+    device, then copied to the host."""
     index = keep.nonzero()  # [K, 2] (image, position), row-major: images in order, positions ascending
-    kept = tokens[index[:, 0], index[:, 1]].to(TORCH_DTYPES[dtype])
+    kept, token_scales = quantize(tokens[index[:, 0], index[:, 1]], dtype)
     on_device = [kept, index[:, 1].to(torch.int32), keep.sum(1)]
     if with_scores:
         on_device.append(scores[index[:, 0], index[:, 1]].to(torch.float16))
+    if token_scales is not None:
+        on_device.append(token_scales)
     host = _to_host(on_device)
-    stored = tokens_to_storage(host[0], dtype)
+    stored = join_scales(storage_view(host[0], dtype), host[-1].numpy() if token_scales is not None else None)
     return KeptTokens(
         token_bytes=stored.reshape(-1).view(np.uint8),
-        bytes_per_token=tokens.shape[-1] * stored.itemsize,
+        bytes_per_token=token_record_bytes(dtype, tokens.shape[-1]),
         positions=host[1].numpy().astype("<i4", copy=False),
         n_kept=host[2].numpy().astype(np.int64, copy=False),
         scores=host[3].numpy().astype("<f2", copy=False) if with_scores else None,

@@ -1,4 +1,5 @@
-"""The write stage: each shard's rows of a batch -> one attempt-unique data (or quarantine) file, and a record of it."""
+"""The write stage: each shard's rows of a batch -> one attempt-unique data (or quarantine) file below ``_staging/``,
+and a record of it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.config import CompressConfig
-from pipeline.output.commit import DATA_DIR, QUARANTINE_DIR, WrittenFile, sha256_hex
+from pipeline.output.commit import DATA_DIR, QUARANTINE_DIR, WrittenFile, sha256_hex, staged_path
 from pipeline.output.format import (
     encode_quarantine_table,
     encode_sample_table,
@@ -75,7 +76,8 @@ class WriteStage:
                                 parquet_bytes(table, self.cfg.output.row_group_size), rows=len(samples))
 
     def _write_file(self, folder: str, shard_id: str, extension: str, data: bytes, rows: int | None = None) -> WrittenFile:
-        relative = f"{folder}/{shard_id}.{self.run_id}-{secrets.token_hex(4)}.{extension}"
+        """Written below ``_staging/`` (no glob of ``data/`` sees an attempt); the commit moves it to ``folder``."""
+        relative = staged_path(f"{folder}/{shard_id}.{self.run_id}-{secrets.token_hex(4)}.{extension}")
         write_bytes(f"{self.output_dir}/{relative}", data, self.storage_options)  # fsynced before any commit
         return WrittenFile(path=relative, rows=rows if rows is not None else parquet_rows(data),
                            bytes=len(data), sha256=sha256_hex(data))

@@ -61,8 +61,14 @@ class VLMTrainConfig(Config):
     shuffle_buffer: int = 256
     log_every: int = 10
     seed: int = 0
+    # Every this many steps a resume point (weights, optimizer, scheduler, each rank's loader state) is written
+    # under {output}/checkpoint/resume/; 0: only the final checkpoint.
+    checkpoint_every: int = 0
+    # A rerun with the same output continues from its last resume point (any world size / loader workers).
+    resume: bool = True
 
     def check(self) -> None:
+        require(self.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         for name in ("steps", "batch_size", "num_workers", "log_every"):
             require(getattr(self, name) >= 1, name, f"must be a positive integer, got {getattr(self, name)}")
         for name in ("warmup_steps", "loader_workers"):

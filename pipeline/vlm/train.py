@@ -7,12 +7,21 @@ Checkpoint (``{output}/checkpoint/``, local or ``s3://``)::
     projector.safetensors        multi_modal_projector.* and image_newline
     language_model.safetensors   language model and lm_head (train.language_model=true only)
     train_vlm.json               config, token geometry, steps, losses (written last: it marks a complete checkpoint)
+    resume/step-NNNNNNNN/        every train.checkpoint_every steps: trained weights, optimizer and scheduler,
+                                 loader-rankRRRRR.json (each rank's loader state)
+    resume/latest.json           the last complete resume point (written last, after every rank's loader state)
+
+A rerun with the same output resumes from ``resume/latest.json`` (``train.resume``): weights, optimizer, scheduler and
+the loader states (every rank's, so another world size or loader worker count splits the rest of the epoch anew);
+the batches after the resume point are the ones the uninterrupted run would have drawn.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from typing import Any
@@ -23,13 +32,17 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from pipeline.config import ConfigError
-from pipeline.storage import join_url, read_bytes, write_bytes
+from pipeline.storage import filesystem_for, join_url, read_bytes, write_bytes
 from pipeline.vlm.config import TrainVLMConfig, VLMModelConfig, VLMTrainConfig
 from pipeline.vlm.feed import IMAGE_PLACEHOLDER, projector_input_dim, vlm_core
 
 PROJECTOR_FILE = "projector.safetensors"
 LANGUAGE_MODEL_FILE = "language_model.safetensors"
 SIDECAR_FILE = "train_vlm.json"
+RESUME_DIR = "resume"
+LATEST_FILE = "latest.json"
+# Tests: when set, each step's sample keys are appended to this file, one JSON line per step and rank.
+BATCH_LOG_ENV = "ATR_VLM_BATCH_LOG"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TINY_PATCH_SIZE = 14
 
@@ -194,7 +207,12 @@ def endless(loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    """Tensors to ``device``; tokens arrive in the stored dtype (float16: half the bytes through the DataLoader
+    and the host-to-device copy) and are widened there."""
+    moved = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    if isinstance(moved.get("tokens"), Tensor) and moved["tokens"].is_floating_point():
+        moved["tokens"] = moved["tokens"].float()
+    return moved
 
 
 def train_steps(
@@ -207,13 +225,23 @@ def train_steps(
     device: torch.device,
     autocast_dtype: torch.dtype = torch.float32,
     on_log: Callable[[int, list[float]], None] | None = None,
+    start_step: int = 0,
+    losses: list[float] | None = None,
+    on_step: Callable[[int, list[float]], None] | None = None,
 ) -> list[float]:
-    """``cfg.steps`` optimizer steps; returns each step's loss. ``on_log(step, window)`` every ``log_every``."""
+    """Optimizer steps ``start_step + 1 .. cfg.steps`` (after a resume, ``losses`` holds the earlier ones); returns
+    each step's loss. ``on_log(step, window)`` every ``log_every``; ``on_step(step, losses)`` after each step."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    losses: list[float] = []
+    losses = list(losses or [])
+    batch_log = os.environ.get(BATCH_LOG_ENV)
+    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
     loss_module.train()
-    for step in range(1, cfg.steps + 1):
-        batch = to_device(next(batches), device)
+    for step in range(start_step + 1, cfg.steps + 1):
+        batch = next(batches)
+        if batch_log:
+            with open(batch_log, "a") as handle:
+                handle.write(json.dumps({"step": step, "rank": rank, "keys": list(batch["keys"])}) + "\n")
+        batch = to_device(batch, device)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
             loss = loss_module(batch)
         optimizer.zero_grad(set_to_none=True)
@@ -224,6 +252,8 @@ def train_steps(
         losses.append(float(loss.detach()))
         if on_log is not None and (step % cfg.log_every == 0 or step == cfg.steps):
             on_log(step, losses[-cfg.log_every:])
+        if on_step is not None:
+            on_step(step, losses)
     return losses
 
 
@@ -270,3 +300,70 @@ def load_trained(model: nn.Module, directory: str, storage_options: dict[str, An
             for key, tensor in stored.items():
                 targets[key].copy_(tensor)
     return model
+
+
+# --------------------------------------------------------------------------------------------- resume points
+
+
+def resume_url(output: str) -> str:
+    return join_url(checkpoint_url(output), RESUME_DIR)
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def save_resume_point(
+    output: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, cfg: TrainVLMConfig,
+    loader_state: dict[str, Any], losses: list[float], *, rank: int, world_size: int,
+    storage_options: dict[str, Any],
+) -> str:
+    """Every rank writes its loader state; then rank 0 the weights, optimizer and scheduler, and last the marker."""
+    directory = join_url(resume_url(output), f"step-{step:08d}")
+    write_bytes(join_url(directory, f"loader-rank{rank:05d}.json"), json.dumps(loader_state).encode(), storage_options)
+    _barrier()
+    if rank == 0:
+        for name, modules in trainable_modules(model, cfg.train.language_model).items():
+            tensors = {k: v.detach().cpu().contiguous() for k, v in _named_tensors(modules).items()}
+            write_bytes(join_url(directory, name), save_safetensors(tensors), storage_options)
+        buffer = io.BytesIO()
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, buffer)
+        write_bytes(join_url(directory, "optimizer.pt"), buffer.getvalue(), storage_options)
+        marker = {"step": step, "world_size": world_size, "losses": losses, "directory": directory}
+        write_bytes(join_url(resume_url(output), LATEST_FILE), json.dumps(marker).encode(), storage_options)
+    _barrier()
+    return directory
+
+
+def read_resume_point(output: str, storage_options: dict[str, Any]) -> dict[str, Any] | None:
+    """The last complete resume point's marker, or None."""
+    url = join_url(resume_url(output), LATEST_FILE)
+    fs, path = filesystem_for(url, storage_options)
+    if not fs.exists(path):
+        return None
+    return json.loads(read_bytes(url, storage_options))
+
+
+def load_resume_weights(model: nn.Module, point: dict[str, Any], language_model: bool,
+                        storage_options: dict[str, Any]) -> None:
+    for name, modules in trainable_modules(model, language_model).items():
+        stored = load_safetensors(read_bytes(join_url(point["directory"], name), storage_options))
+        targets = _named_tensors(modules)
+        with torch.no_grad():
+            for key, tensor in stored.items():
+                targets[key].copy_(tensor)
+
+
+def load_resume_training(point: dict[str, Any], optimizer: torch.optim.Optimizer, scheduler: Any, loader: Any,
+                         storage_options: dict[str, Any]) -> tuple[int, list[float]]:
+    """Optimizer, scheduler and loader as they were at the resume point; returns ``(step, losses)``."""
+    state = torch.load(io.BytesIO(read_bytes(join_url(point["directory"], "optimizer.pt"), storage_options)),
+                       weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    loader.load_state_dict([
+        json.loads(read_bytes(join_url(point["directory"], f"loader-rank{rank:05d}.json"), storage_options))
+        for rank in range(point["world_size"])
+    ])
+    return int(point["step"]), list(point["losses"])
