@@ -17,7 +17,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipeline.config import InputConfig
+from pipeline.config import CorpusConfig, InputConfig
+from pipeline.corpus import write_corpus
 from pipeline.loader import PrunedTokenDataset
 from pipeline.output.commit import list_committed
 from pipeline.output.manifest import read_manifest
@@ -28,6 +29,13 @@ REPO = Path(__file__).resolve().parent.parent
 # Small and fast: the tiny random encoder, a selector that needs no checkpoint, one shard per batch.
 FAST_COMPRESS = ["selector.method=norm", "selector.mode=ratio", "selector.ratio=0.5", "encoder.batch_size=4",
                  "progress_interval_s=1"]
+
+
+def small_corpus(root: Path, n: int, seed: int, shard_size: int = 3) -> Path:
+    """A train split of ``n`` 64-pixel images in shards of ``shard_size``: the folder of its tars."""
+    write_corpus(CorpusConfig(output=str(root), n=n, shard_size=shard_size, heldout_fraction=0.0, seed=seed,
+                              image_size=64))
+    return root / "train"
 
 
 def list_files(url: str, storage_options: dict[str, Any] | None = None) -> list[str]:

@@ -53,7 +53,7 @@ def test_compress_help_lists_every_key_with_its_type_and_default_in_under_two_se
         (line,) = [line for line in lines if line.startswith(f"  {key}  (")]
         shown = default if isinstance(default, str) else json.dumps(default)
         assert line.endswith(f", default {shown})"), line
-    assert "  selector.mode  (threshold|ratio|budget, default threshold)" in lines
+    assert "  selector.mode  (threshold|ratio|budget|error, default threshold)" in lines
     assert any("clip-vit-l-336" in line and "preset" in line for line in lines)
     assert "  (input=URL is short for input.path=URL)" in lines
     assert elapsed < 2.0, f"--help took {elapsed:.2f}s"

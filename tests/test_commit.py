@@ -5,14 +5,14 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
-from job_runs import FAST_COMPRESS, input_keys, referenced_files
+from job_runs import FAST_COMPRESS, input_keys, referenced_files, small_corpus
 
 from pipeline.compress.run import run_compress
-from pipeline.config import CompressConfig, CorpusConfig, JobError, load_config
-from pipeline.corpus import write_corpus
+from pipeline.config import CompressConfig, JobError, load_config
 from pipeline.output import commit
 from pipeline.output.commit import (
     COMMITTED_DIR,
@@ -30,9 +30,7 @@ from pipeline.storage import TMP_SUFFIX, filesystem_for
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    write_corpus(CorpusConfig(output=str(root), n=6, shard_size=3, heldout_fraction=0.0, seed=4, image_size=64))
-    return root / "train"
+    return small_corpus(tmp_path_factory.mktemp("corpus"), n=6, seed=4)
 
 
 def compress(corpus: Path, output: Path, *overrides: str) -> dict:
@@ -75,11 +73,11 @@ def test_disk_full_names_the_path_and_gc_lists_the_temporary_files(corpus, tmp_p
     out = tmp_path / "out"
     first = compress(corpus, out)
     from pipeline import storage
-    real_fsync, calls = storage.os.fsync, []
+    real_fsync = storage.os.fsync
 
     def fsync_until_full(fd):
-        calls.append(fd)
-        if len(calls) > 3:  # the disk fills after a few writes, leaving a temporary file as a crash would
+        # The disk fills while the first data file is written, leaving its temporary file as a crash would.
+        if TMP_SUFFIX in os.readlink(f"/proc/self/fd/{fd}") and "/data/" in os.readlink(f"/proc/self/fd/{fd}"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
 

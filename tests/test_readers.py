@@ -13,12 +13,11 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import torch
-from job_runs import FAST_COMPRESS
+from job_runs import FAST_COMPRESS, small_corpus
 
 from pipeline.compress import shard_committer
 from pipeline.compress.run import run_compress
-from pipeline.config import CompressConfig, CorpusConfig, load_config
-from pipeline.corpus import write_corpus
+from pipeline.config import CompressConfig, load_config
 from pipeline.loader import PrunedTokenDataset
 from pipeline.output.commit import STAGING_DIR, CommittedShard, WrittenFile, commit_shard
 from pipeline.output.format import CARD_NAME, card_bytes, dataset_card, decode_row_tokens, read_format_metadata
@@ -27,9 +26,7 @@ from pipeline.output.manifest import read_manifest
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    write_corpus(CorpusConfig(output=str(root), n=6, shard_size=3, heldout_fraction=0.0, seed=5, image_size=64))
-    return root / "train"
+    return small_corpus(tmp_path_factory.mktemp("corpus"), n=6, seed=5)
 
 
 def _compress(corpus: Path, output: Path, dtype: str) -> dict:

@@ -109,6 +109,10 @@ def _checkpoint_processor(pretrained: str, local_files_only: bool) -> tuple[tupl
     try:
         found, _ = ImageProcessingMixin.get_image_processor_dict(pretrained, local_files_only=offline)
     except OSError as exc:
+        from huggingface_hub import try_to_load_from_cache
+
+        if offline and not isinstance(try_to_load_from_cache(pretrained, "config.json"), str):
+            return None  # the model is not here at all: loading it next fails with the one line that says so
         log.warning(f"encoder.pretrained={pretrained!r}: no {PREPROCESSOR_FILE} could be read ({exc}); "
                     "using the preset's image_mean / image_std / resize_mode")
         return None

@@ -29,7 +29,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.output.format import CARD_NAME, card_bytes, dataset_card
 from pipeline.storage import (
     create_exclusive,
     filesystem_for,
@@ -219,6 +218,8 @@ def _fsync_folder(folder: str) -> None:
 def write_dataset_card(output_dir: str, storage_options: dict, resolved: dict[str, Any]) -> None:
     """Write ``{output_dir}/dataset.json`` from the run's resolved config unless it already holds the same
     bytes. Every run of one output writes identical bytes, so concurrent runs cannot disagree."""
+    from pipeline.output.format import CARD_NAME, card_bytes, dataset_card  # torch: not for jobs.gc --help
+
     fs, root = filesystem_for(output_dir, storage_options)
     data = card_bytes(dataset_card(resolved))
     path = f"{root}/{CARD_NAME}"
