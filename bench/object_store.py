@@ -44,7 +44,7 @@ from pipeline.output.commit import (
     CommittedShard,
     IndexedMarker,
     WrittenFile,
-    marker_url,
+    marker_name,
     write_marker_index,
 )
 from pipeline.output.manifest import key_hashes, write_key_index, write_manifest
@@ -112,7 +112,7 @@ def fabricate(moto: MotoProcess, bucket: str, output_dir_key: str, n: int) -> di
             committed_at=1.0 + i,
             files=[WrittenFile(path=f"data/{shard_id}.fabricated.parquet", rows=10, bytes=1000, sha256="0" * 64)])
         payload = json.dumps(dataclasses.asdict(shard), sort_keys=True, indent=1).encode()
-        name = marker_url("", shard_id, fingerprint).rsplit("/", 1)[1]
+        name = marker_name(shard_id, fingerprint)
         objects.append((f"{output_dir_key}/{COMMITTED_DIR}/{name}", payload))
         markers[name] = IndexedMarker(shard, hashlib.md5(payload).hexdigest(), payload)
     moto.put(bucket, objects)

@@ -101,8 +101,13 @@ def source_tag(fingerprint: str) -> str:
     return hashlib.sha256(fingerprint.encode()).hexdigest()[:10]
 
 
+def marker_name(shard_id: str, fingerprint: str) -> str:
+    """The name, under ``_committed/``, of the marker of ``shard_id`` read from a source with ``fingerprint``."""
+    return f"{shard_id}.{source_tag(fingerprint)}.json"
+
+
 def marker_url(output_dir: str, shard_id: str, fingerprint: str) -> str:
-    return f"{output_dir}/{COMMITTED_DIR}/{shard_id}.{source_tag(fingerprint)}.json"
+    return f"{output_dir}/{COMMITTED_DIR}/{marker_name(shard_id, fingerprint)}"
 
 
 def parse_marker(data: bytes) -> CommittedShard | None:

@@ -217,13 +217,18 @@ def stored_tokens(binary: Any, dtype: str, dim: int) -> torch.Tensor:
     """Stored token bytes -> ``[n_kept, dim]`` in the stored torch dtype (int8, float8_e4m3fn, bfloat16, ...),
     values not rescaled: what a loader ships to the device before :func:`dequantize` there. May share memory
     with ``binary`` when that is writable and aligned."""
+    return _stored(binary, dtype, dim)[0]
+
+
+def _stored(binary: Any, dtype: str, dim: int) -> tuple[torch.Tensor, bool]:
+    """:func:`stored_tokens`, and whether its memory is a copy of ``binary``'s."""
     itemsize = STORAGE_NUMPY[dtype].itemsize
-    raw, _ = _aligned(binary, itemsize)
+    raw, copied = _aligned(binary, itemsize)
     if raw.size % (dim * itemsize):
         raise ValueError(f"{raw.size} bytes are not a whole number of {dim}-dim {dtype} tokens")
     if raw.size == 0:
-        return torch.empty(0, dim, dtype=TORCH_DTYPES[dtype])
-    return torch.from_numpy(raw).view(TORCH_DTYPES[dtype]).view(-1, dim)
+        return torch.empty(0, dim, dtype=TORCH_DTYPES[dtype]), True
+    return torch.from_numpy(raw).view(TORCH_DTYPES[dtype]).view(-1, dim), copied
 
 
 def token_scales(binary: Any, n_kept: int | None = None) -> torch.Tensor:
@@ -249,21 +254,14 @@ def decode_tokens(binary: Any, dtype: str, dim: int, out_dtype: torch.dtype = to
 
     ``scales``: the row's ``token_scales`` bytes, required for the quantized dtypes (int8, float8_e4m3).
     """
+    if is_quantized(dtype) and scales is None:
+        raise ValueError(f"dtype {dtype} needs the row's {SCALES_COLUMN} to decode its tokens")
+    stored, copied = _stored(binary, dtype, dim)
     if is_quantized(dtype):
-        if scales is None:
-            raise ValueError(f"dtype {dtype} needs the row's {SCALES_COLUMN} to decode its tokens")
-        stored = stored_tokens(binary, dtype, dim)
         return dequantize(stored, token_scales(scales, len(stored)), out_dtype)
-    itemsize = STORAGE_NUMPY[dtype].itemsize
-    raw, copied = _aligned(binary, itemsize)
-    if raw.size % (dim * itemsize):
-        raise ValueError(f"{raw.size} bytes are not a whole number of {dim}-dim {dtype} tokens")
-    if raw.size == 0:
-        return torch.empty(0, dim, dtype=out_dtype)
-    stored = torch.from_numpy(raw).view(TORCH_DTYPES[dtype])
     if stored.dtype == out_dtype:
-        return (stored if copied else stored.clone()).view(-1, dim)
-    return stored.to(out_dtype).view(-1, dim)
+        return stored if copied else stored.clone()
+    return stored.to(out_dtype)
 
 
 def decode_row_tokens(row: Mapping[str, Any], meta: Mapping[str, Any],

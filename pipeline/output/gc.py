@@ -21,13 +21,13 @@ from pipeline.output.commit import (
     list_committed,
     load_markers,
     marker_listing,
+    marker_name,
     set_aside_if_corrupt,
     write_marker_index,
 )
 from pipeline.output.manifest import (
     MANIFEST_NAME,
     current_shards,
-    marker_name,
     read_manifest,
     read_retired,
     write_manifest,
@@ -128,7 +128,7 @@ def _references(fs, output_dir: str, options: dict, now: float) -> tuple[set[str
         if shown is None or key in shown_versions or shard.committed_at > written:
             referenced.update(files)
         else:
-            name = marker_name(shard)
+            name = marker_name(shard.shard_id, shard.source_fingerprint)
             superseded[name] = ((now - retired.get(name, written)) / 3600, files)
     return referenced, superseded
 
@@ -174,7 +174,7 @@ def repair_output(output_dir: str, storage_options: dict) -> dict:
     retired = read_retired(output_dir, storage_options)
     # A version a run already dropped from the manifest (a removed or changed input) does not come back.
     visible = [s for s in current_shards(by_source(markers), shown)
-               if s.shard_id in shown or marker_name(s) not in retired]
+               if s.shard_id in shown or marker_name(s.shard_id, s.source_fingerprint) not in retired]
     write_manifest(output_dir, visible, storage_options)
     write_marker_index(output_dir, markers, storage_options)
     log.info(f"[gc] repaired {output_dir}: {len(markers)} markers read, {len(corrupt)} set aside, "

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import JobError, stable_hash
-from pipeline.output.commit import CommittedShard, WrittenFile, source_tag
+from pipeline.output.commit import CommittedShard, WrittenFile, marker_name
 from pipeline.storage import filesystem_for, url_for, write_bytes
 
 log = logging.getLogger(__name__)
@@ -214,10 +214,6 @@ def hide_keys(output_dir: str, shard: CommittedShard, keys: set[str], storage_op
 RETIRED_NAME = "_retired.json"  # {marker name: when a run first left it out of the manifest}
 
 
-def marker_name(shard: CommittedShard) -> str:
-    return f"{shard.shard_id}.{source_tag(shard.source_fingerprint)}.json"
-
-
 def read_retired(output_dir: str, storage_options: dict) -> dict[str, float]:
     fs, path = filesystem_for(f"{output_dir}/{RETIRED_NAME}", storage_options)
     try:
@@ -234,7 +230,7 @@ def record_retired(output_dir: str, marker_names: list[str], visible: list[Commi
     """Note when each marker the manifest no longer shows dropped out, so ``jobs.gc`` starts its grace period
     then (not at the data file's age: a reader may still hold yesterday's manifest)."""
     now = time.time() if now is None else now
-    shown = {marker_name(s) for s in visible}
+    shown = {marker_name(s.shard_id, s.source_fingerprint) for s in visible}
     before = read_retired(output_dir, storage_options)
     retired = {name: before.get(name, now) for name in sorted(marker_names) if name not in shown}
     if retired != before:
