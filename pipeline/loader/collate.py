@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipeline.loader.shared_batches import pooled_empty
+
 SAMPLE_FIELDS = ("key", "tokens", "positions", "n_tokens", "grid", "side")
 
 
@@ -41,7 +43,11 @@ def _lengths(samples: Sequence[dict[str, Any]]) -> torch.Tensor:
 
 def _empty(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """A tensor for a batch; inside a DataLoader worker in shared memory already, as ``default_collate`` does, so
-    handing it to the training loop does not copy it again."""
+    handing it to the training loop does not copy it again (from the worker's reused buffers under
+    :class:`pipeline.loader.shared_batches.PooledCollate`)."""
+    pooled = pooled_empty()
+    if pooled is not None:
+        return pooled(like.dtype, shape)
     if get_worker_info() is None:
         return torch.empty(shape, dtype=like.dtype)
     numel = 1

@@ -8,7 +8,8 @@ iterator starts its round-robin at the worker that was due next: DataLoader work
 Iterating the dataset directly in the main process (no workers) counts each yielded sample itself. Loaded with
 every rank's state (a list), a loader with another ``num_workers`` or world size splits the rest of the epoch anew.
 
-Batches leave the workers in shared memory (the collates allocate them there) and, with ``tokens_dtype=None`` on
+Batches leave the workers in shared memory (the collates allocate them there, in buffers each worker reuses once
+the training loop has dropped a batch: :mod:`pipeline.loader.shared_batches`) and, with ``tokens_dtype=None`` on
 the dataset, in the stored dtype: pass ``pin_memory=True`` on a GPU host and cast on the device.
 """
 
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.loader.collate import TokenBudgetBatcher, pack_collate, pad_collate
 from pipeline.loader.dataset import PrunedTokenDataset
+from pipeline.loader.shared_batches import PooledCollate, without_held
 
 
 def _samples_in(batch: Any) -> int:
@@ -61,15 +63,17 @@ class PrunedTokenLoader(DataLoader):
         self.pruned = dataset
         dataset._counted_by_loader = True
         if max_tokens is not None:
-            source = TokenBudgetBatcher(dataset, max_tokens, collate_fn or pack_collate, max_samples)
+            source = TokenBudgetBatcher(dataset, max_tokens, PooledCollate(collate_fn or pack_collate), max_samples)
             super().__init__(source, batch_size=None, num_workers=num_workers, **kwargs)
         else:
             collate = collate_fn or (pad_collate if batch_size is not None else None)
+            collate = None if collate is None else PooledCollate(collate)
             super().__init__(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers, **kwargs)
 
     def __iter__(self) -> Iterator[Any]:
         progress = self.pruned.begin_iteration(max(1, self.num_workers))
         for batch in super().__iter__():
+            batch = without_held(batch)
             progress.record(_samples_in(batch))
             yield batch
 
