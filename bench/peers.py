@@ -9,7 +9,9 @@ WebDataset its tars. Every reader shuffles (atr: its window of ``shuffle_buffer_
 buffer of the same number of rows, with their shard shuffles), turns each sample into a ``[n_kept, dim]`` tensor,
 and batches 32 through ``pad_collate``, for one epoch; each (reader, dtype, workers) runs in a fresh process, in
 interleaved rounds. ``float32`` is the issue's setting (each sample widened in the reader); ``float16`` emits the
-stored dtype (the training loop casts on the device), for every reader that can.
+stored dtype (the training loop casts on the device), for every reader that can. ``atr_int8`` reads the same rows
+written as ``output.dtype=int8`` (its window the same rows); under ``float16`` it emits the stored int8 values and
+their ``token_scales``, which the VLM feed rescales on the device.
 
 Reported: median samples/s with min-max over rounds, CPU seconds (process + DataLoader workers), peak RSS of the
 main process and of the largest worker. Needs ``pip install -e '.[bench]'`` (mosaicml-streaming imports
@@ -34,7 +36,8 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-READERS = ["atr", "hf_datasets", "mosaicml_streaming", "webdataset", "litdata", "pyarrow_read_table"]
+READERS = ["atr", "atr_int8", "hf_datasets", "mosaicml_streaming", "webdataset", "litdata", "pyarrow_read_table"]
+NOT_PEERS = ("atr", "atr_int8", "pyarrow_read_table")
 BATCH = 32
 
 
@@ -43,7 +46,6 @@ BATCH = 32
 
 def write_corpus(root: Path, samples: int, kept: tuple[int, int], dim: int, shards: int, seed: int = 0) -> dict:
     """atr's Parquet output (+ manifest) and WebDataset tars of the same rows, then MDS and LitData copies."""
-    import pyarrow.parquet as pq
 
     from pipeline.output.format import encode_sample_table, parquet_bytes, samples_to_wds_tar
     from tests.pruned_fixtures import fixture_meta, stage_rows
@@ -72,20 +74,19 @@ def write_corpus(root: Path, samples: int, kept: tuple[int, int], dim: int, shar
         path = f"data/{shard_id}.0.parquet"
         (parquet_dir / path).write_bytes(data)
         (wds_dir / f"{shard_id}.tar").write_bytes(samples_to_wds_tar(staged, meta))
-        entry = {"shard_id": shard_id, "path": path, "rows": rows, "bytes": len(data), "sha256": "",
-                 "source_fingerprint": f"fp{index}", "attempt": "0"}
-        (parquet_dir / "_committed" / f"{shard_id}.json").write_text(json.dumps(entry))
-        manifest.append(entry)
-    import pyarrow as pa
-
-    from pipeline.output.manifest import MANIFEST_NAME, MANIFEST_SCHEMA
-
-    pq.write_table(pa.Table.from_pylist(manifest, schema=MANIFEST_SCHEMA), parquet_dir / MANIFEST_NAME)
+        manifest.append({"shard_id": shard_id, "path": path, "rows": rows, "bytes": len(data), "sha256": "",
+                         "source_fingerprint": f"fp{index}", "attempt": "0"})
+    write_manifest(parquet_dir, manifest)
+    write_int8(parquet_dir, root / "atr_int8" / "tiny" / "bench")
     write_mds(parquet_dir, root / "mds")
     write_litdata(parquet_dir, root / "litdata")
-    sizes = {name: sum(f.stat().st_size for f in (root / sub).rglob("*") if f.is_file())
-             for name, sub in [("parquet", "atr"), ("wds", "wds"), ("mds", "mds"), ("litdata", "litdata")]}
-    return {"samples": samples, "dim": dim, "kept": list(kept), "shards": shards, "bytes": sizes}
+    return {"samples": samples, "dim": dim, "kept": list(kept), "shards": shards, "bytes": format_bytes(root)}
+
+
+def format_bytes(root: Path) -> dict[str, int]:
+    return {name: sum(f.stat().st_size for f in (root / sub).rglob("*") if f.is_file())
+            for name, sub in [("parquet", "atr"), ("parquet_int8", "atr_int8"), ("wds", "wds"), ("mds", "mds"),
+                              ("litdata", "litdata")]}
 
 
 def parquet_files(parquet_dir: Path) -> list[Path]:
@@ -104,6 +105,48 @@ def stored_rows(parquet_dir: Path):
         for key, tokens, positions in zip(table.column("key").to_pylist(), table.column("tokens").to_pylist(),
                                           table.column("positions").to_pylist()):
             yield key, np.frombuffer(tokens, np.float16).reshape(-1, dim), np.asarray(positions, np.int32)
+
+
+def write_int8(parquet_dir: Path, out: Path) -> None:
+    """The same rows through atr's writer as ``output.dtype=int8`` (per-token absmax scales), same row groups."""
+    import pyarrow.parquet as pq
+
+    from pipeline.output.format import encode_sample_table, parquet_bytes, read_format_metadata, tokens_to_storage
+
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    (out / "_committed").mkdir(exist_ok=True)
+    entries = []
+    for path in parquet_files(parquet_dir):
+        table = pq.read_table(path)
+        meta = {**read_format_metadata(table.schema), "dtype": "int8"}
+        rows = table.to_pylist()
+        for row in rows:  # float16 bytes -> the int8 values + scales the encode stage hands the writer
+            tokens = np.frombuffer(row["tokens"], np.float16).reshape(-1, meta["dim"])
+            row["tokens"] = tokens_to_storage(torch_tensor(tokens), "int8").tobytes()
+            row["positions"] = np.asarray(row["positions"], "<i4").tobytes()
+            row["shard_id"] = row["source_shard"]
+        data = parquet_bytes(encode_sample_table(rows, meta), 256)
+        (out / "data" / path.name).write_bytes(data)
+        entries.append({"shard_id": path.name.split(".")[0], "path": f"data/{path.name}", "rows": len(rows),
+                        "bytes": len(data), "sha256": "", "source_fingerprint": "fp", "attempt": "0"})
+    write_manifest(out, entries)
+
+
+def torch_tensor(array: np.ndarray):
+    import torch
+
+    return torch.from_numpy(array.astype(np.float32))
+
+
+def write_manifest(out: Path, entries: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.output.manifest import MANIFEST_NAME, MANIFEST_SCHEMA
+
+    for entry in entries:
+        (out / "_committed" / f"{entry['shard_id']}.json").write_text(json.dumps(entry))
+    pq.write_table(pa.Table.from_pylist(entries, schema=MANIFEST_SCHEMA), out / MANIFEST_NAME)
 
 
 def write_mds(parquet_dir: Path, out: Path) -> None:
@@ -149,15 +192,21 @@ def sample_dict(key: str, tokens, positions: np.ndarray) -> dict[str, Any]:
             "n_tokens": 1024, "grid": (0, 0), "side": 32}
 
 
-def atr_loader(root: Path, dtype: str, workers: int, window: int):
+def atr_loader(root: Path, dtype: str, workers: int, window: int, folder: str = "atr"):
     import torch
 
     from pipeline.loader import PrunedTokenDataset, PrunedTokenLoader
 
-    dataset = PrunedTokenDataset(str(root / "atr" / "tiny" / "bench"), columns=[],
+    # int8 rows are half the bytes: the same window in rows (not in bytes) keeps the comparison like for like.
+    dataset = PrunedTokenDataset(str(root / folder / "tiny" / "bench"), columns=[], shuffle_buffer=window,
                                  tokens_dtype=torch.float32 if dtype == "float32" else None)
     assert dataset.shuffle_buffer == window, (dataset.shuffle_buffer, window)
     return PrunedTokenLoader(dataset, batch_size=BATCH, num_workers=workers)
+
+
+def atr_int8_loader(root: Path, dtype: str, workers: int, window: int):
+    """int8 storage; ``float16`` here emits the stored int8 values + token_scales (rescaled on the device)."""
+    return atr_loader(root, dtype, workers, window, folder="atr_int8")
 
 
 def hf_loader(root: Path, dtype: str, workers: int, window: int):
@@ -272,10 +321,10 @@ def pyarrow_loader(root: Path, dtype: str, workers: int, window: int):
     return DataLoader(Files(), batch_size=BATCH, collate_fn=pad_collate, num_workers=workers)
 
 
-IMPORTS = {"atr": ["pipeline.loader"], "hf_datasets": ["datasets"], "mosaicml_streaming": ["streaming"],
+IMPORTS = {"atr": ["pipeline.loader"], "atr_int8": ["pipeline.loader"], "hf_datasets": ["datasets"], "mosaicml_streaming": ["streaming"],
            "webdataset": ["webdataset", "pipeline.output.format"], "litdata": ["litdata"],
            "pyarrow_read_table": ["pyarrow.parquet"]}
-LOADERS = {"atr": atr_loader, "hf_datasets": hf_loader, "mosaicml_streaming": mds_loader,
+LOADERS = {"atr": atr_loader, "atr_int8": atr_int8_loader, "hf_datasets": hf_loader, "mosaicml_streaming": mds_loader,
            "webdataset": wds_loader, "litdata": litdata_loader, "pyarrow_read_table": pyarrow_loader}
 
 
@@ -291,7 +340,8 @@ def run_one(root: Path, reader: str, dtype: str, workers: int, window: int) -> d
     samples = tokens = 0
     keys = set()
     for batch in loader:
-        assert batch["tokens"].dtype == (torch.float32 if dtype == "float32" else torch.float16)
+        stored = torch.int8 if reader == "atr_int8" else torch.float16
+        assert batch["tokens"].dtype == (torch.float32 if dtype == "float32" else stored)
         samples += len(batch["keys"])
         tokens += int(batch["lengths"].sum())
         keys.update(batch["keys"])
@@ -299,7 +349,7 @@ def run_one(root: Path, reader: str, dtype: str, workers: int, window: int) -> d
     wall = time.perf_counter() - wall
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return {"reader": reader, "dtype": dtype, "workers": workers, "samples": samples, "unique_keys": len(keys),
-            "tokens": tokens, "seconds": wall, "samples_per_s": samples / wall,
+            "tokens": tokens, "seconds": wall, "samples_per_s": samples / wall, "tokens_per_s": tokens / wall,
             "cpu_s": own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime,
             "rss_main_mb": peak_rss_mb(), "rss_worker_mb": children.ru_maxrss / 1024 if workers else None}
 
@@ -363,6 +413,9 @@ def main() -> None:
         print(f"[bench.peers] corpus in {time.perf_counter() - started:.0f}s: {corpus}", file=sys.stderr, flush=True)
     else:
         corpus = json.loads((root / "corpus.json").read_text())
+        if not (root / "atr_int8" / "tiny" / "bench" / "manifest.parquet").exists():  # a corpus of an older bench
+            write_int8(manifest.parent, root / "atr_int8" / "tiny" / "bench")
+            corpus["bytes"] = format_bytes(root)
     (root / "corpus.json").write_text(json.dumps(corpus))
     from pipeline.loader import PrunedTokenDataset
 
@@ -411,6 +464,7 @@ def summarise(runs, corpus, window, loads, info, args) -> dict[str, Any]:
         assert all(r["samples"] == r["unique_keys"] == corpus["samples"] for r in results), (reader, results)
         rows.append({"reader": reader, "dtype": dtype, "workers": workers,
                      "samples_per_s": round(statistics.median(rates), 1),
+                     "tokens_per_s": round(statistics.median(r["tokens"] / r["seconds"] for r in results)),
                      "min": round(min(rates), 1), "max": round(max(rates), 1), "rounds": len(rates),
                      "cpu_s": round(statistics.median(r["cpu_s"] for r in results), 2),
                      "rss_main_mb": round(max(r["rss_main_mb"] for r in results)),
@@ -419,17 +473,23 @@ def summarise(runs, corpus, window, loads, info, args) -> dict[str, Any]:
     for dtype in {r["dtype"] for r in rows}:
         for workers in {r["workers"] for r in rows}:
             here = {r["reader"]: r["samples_per_s"] for r in rows if r["dtype"] == dtype and r["workers"] == workers}
-            peers = {k: v for k, v in here.items() if k not in ("atr", "pyarrow_read_table")}
+            peers = {k: v for k, v in here.items() if k not in NOT_PEERS}
             if "atr" in here and peers:
                 best = max(peers, key=peers.get)
                 ratios[f"{dtype}_w{workers}"] = {"best_peer": best, "atr_vs_best_peer": round(here["atr"] / peers[best], 3)}
+    for dtype in {r["dtype"] for r in rows}:  # int8 storage against float16 storage, both read by atr
+        for workers in {r["workers"] for r in rows}:
+            rates = {r["reader"]: r["tokens_per_s"] for r in rows if r["dtype"] == dtype and r["workers"] == workers}
+            if "atr" in rates and "atr_int8" in rates:
+                ratios[f"int8_vs_float16_tokens_per_s_{dtype}_w{workers}"] = {
+                    "best_peer": "atr float16 storage", "atr_vs_best_peer": round(rates["atr_int8"] / rates["atr"], 3)}
     # atr emits float16 and casts on the device; the issue measured the peers widening to float32 per sample.
     if any(r["reader"] == "atr" and r["dtype"] == "float16" for r in rows):
         for workers in {r["workers"] for r in rows}:
             atr = next((r["samples_per_s"] for r in rows if r["reader"] == "atr" and r["dtype"] == "float16"
                         and r["workers"] == workers), None)
             peers = {r["reader"]: r["samples_per_s"] for r in rows if r["dtype"] == "float32"
-                     and r["workers"] == workers and r["reader"] not in ("atr", "pyarrow_read_table")}
+                     and r["workers"] == workers and r["reader"] not in NOT_PEERS}
             if atr and peers:
                 best = max(peers, key=peers.get)
                 ratios[f"atr_float16_vs_peers_float32_w{workers}"] = {"best_peer": best,
@@ -446,9 +506,10 @@ def write_section(summary: dict[str, Any]) -> None:
 
     corpus = summary["corpus"]
     table = markdown_table(
-        ["reader", "emits", "workers", "samples/s (median)", "min–max", "CPU s", "peak RSS main MB",
+        ["reader", "emits", "workers", "samples/s (median)", "min–max", "tokens/s", "CPU s", "peak RSS main MB",
          "peak RSS worker MB"],
-        [[r["reader"], r["dtype"], r["workers"], r["samples_per_s"], f"{r['min']}–{r['max']}", r["cpu_s"],
+        [[r["reader"], "int8 + scales" if r["reader"] == "atr_int8" and r["dtype"] == "float16" else r["dtype"],
+          r["workers"], r["samples_per_s"], f"{r['min']}–{r['max']}", r["tokens_per_s"], r["cpu_s"],
           r["rss_main_mb"], "–" if r["rss_worker_mb"] is None else r["rss_worker_mb"]] for r in summary["rows"]])
     ratios = "\n".join(f"- `{name}`: atr / best peer ({v['best_peer']}) = **{v['atr_vs_best_peer']}**"
                        for name, v in sorted(summary["ratios"].items()))
@@ -458,7 +519,8 @@ def write_section(summary: dict[str, Any]) -> None:
             f"{summary['window_rows']} rows, the peers' buffers the same); batches of {summary['batch_size']} through "
             f"`pad_collate`; one epoch per run, each run a fresh process, {summary['rounds']} interleaved rounds; load "
             f"average during the runs {load['min']}–{load['max']} (median {load['median']}).\n\n" + table
-            + "\n\n" + ratios + "\n\nTarget: atr ≥ 1.2 × the best peer at num_workers 0 and 2 (float16 storage).\n")
+            + "\n\n" + ratios + "\n\nTargets: atr ≥ 1.2 × the best peer at num_workers 0 and 2 (float16 storage); int8 storage "
+            "≥ 1.6 × float16 storage in tokens/s (`int8_vs_float16_tokens_per_s_*`).\n")
     text = section_text("peers", "Loader against its peers (bench.peers)", body, summary["machine"], command_line())
     update_doc("peers", text)
 

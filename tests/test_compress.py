@@ -459,6 +459,10 @@ def test_hostile_tar_keys_give_the_same_rows_for_both_output_formats(hostile_inp
     assert sorted(keys) == sorted(r["key"] for r in stored_rows(parquet["output"]))
     for field in ("images", "quarantined", "input_samples"):
         assert parquet[field] == webdataset[field]
+    # The tars' readers learn the encoder and selector from dataset.json, as Parquet readers from the schema.
+    from_parquet, from_tars = (PrunedTokenDataset(out["output"]).meta for out in (parquet, webdataset))
+    for field in ("encoder", "encoder_fingerprint", "select_layer", "dtype", "dim", "side", "selector"):
+        assert from_tars[field] == from_parquet[field], field
 
 
 @pytest.mark.parametrize("executor", ["local", "ray"])

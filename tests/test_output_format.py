@@ -195,6 +195,9 @@ def test_webdataset_output_round_trips_without_pickle(tmp_path, dtype):
     for i, sample in enumerate(samples):
         decoded = decode_wds_sample(sample)
         assert torch.equal(decoded["tokens"], _expected(tokens[i], dtype))
+        as_stored = decode_wds_sample(sample, None)  # the stored values (and scales), rescaled on the device
+        assert as_stored["tokens"].dtype == TORCH_DTYPES[dtype] and ("token_scales" in as_stored) == (dtype in QUANTIZED)
+        assert torch.equal(dequantize(as_stored["tokens"], as_stored.get("token_scales")), decoded["tokens"])
         assert decoded["positions"].tolist() == positions[i].tolist()
         assert decoded["caption"] == f"c{i}" and decoded["grid"] == (1, 2) and decoded["side"] == 4
     with pytest.raises(ValueError, match="invalid key for webdataset output"):

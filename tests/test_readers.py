@@ -18,9 +18,18 @@ from job_runs import FAST_COMPRESS, small_corpus
 from pipeline.compress import shard_committer
 from pipeline.compress.run import run_compress
 from pipeline.config import CompressConfig, load_config
-from pipeline.loader import PrunedTokenDataset
+from pipeline.loader import PrunedTokenDataset, PrunedTokenLoader
 from pipeline.output.commit import STAGING_DIR, CommittedShard, WrittenFile, commit_shard
-from pipeline.output.format import CARD_NAME, card_bytes, dataset_card, decode_row_tokens, read_format_metadata
+from pipeline.output.format import (
+    CARD_NAME,
+    TORCH_DTYPES,
+    card_bytes,
+    dataset_card,
+    decode_row_tokens,
+    dequantize,
+    is_quantized,
+    read_format_metadata,
+)
 from pipeline.output.manifest import read_manifest
 
 
@@ -143,3 +152,18 @@ def test_common_readers_glob_exactly_the_manifest_rows_and_the_card_rebuilds_the
             assert tokens.shape == (row["n_kept"], card["dim"]), name
             assert np.array_equal(tokens, want_tokens), name
             assert list(row["positions"]) == want_positions, name
+
+
+def test_the_loader_hands_out_stored_values_and_scales_that_rescale_to_its_floats(output):
+    dtype, out = output
+    floats = {s["key"]: s["tokens"] for s in PrunedTokenDataset(str(out), shuffle=False, rank=0, world_size=1)}
+    dataset = PrunedTokenDataset(str(out), tokens_dtype=None, shuffle_buffer=2, rank=0, world_size=1)
+    seen = []
+    for batch in PrunedTokenLoader(dataset, batch_size=4, num_workers=2):
+        assert batch["tokens"].dtype == TORCH_DTYPES[dtype] and ("token_scales" in batch) == is_quantized(dtype)
+        for i, key in enumerate(batch["keys"]):
+            n = int(batch["lengths"][i])
+            scales = batch["token_scales"][i, :n] if is_quantized(dtype) else None
+            assert torch.equal(dequantize(batch["tokens"][i, :n], scales), floats[key])
+            seen.append(key)
+    assert sorted(seen) == sorted(floats)

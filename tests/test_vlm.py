@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from pipeline.loader.collate import pack_collate, pad_collate
+from pipeline.output.format import dequantize, quantize
 from pipeline.vlm.config import VLMModelConfig
 from pipeline.vlm.feed import (
     IGNORE_INDEX,
@@ -176,3 +177,21 @@ def test_token_dim_mismatch_is_a_clear_error(tokenizer):
     batch["tokens"] = torch.randn(1, 1, DIM + 1)
     with pytest.raises(ValueError, match=f"dim {DIM + 1}, but the model's projector expects {DIM}"):
         build_vlm_inputs(model, batch, tokenizer)
+
+
+@pytest.mark.parametrize("collate", [pad_collate, pack_collate])
+def test_quantized_tokens_as_stored_are_rescaled_in_the_feed(tokenizer, collate):
+    """int8 values and their token_scales cross to the device as stored; the feed rescales them there."""
+    model = make_model(tokenizer)
+    floats = [sample("a", [0, 4, 8], (0, 0), "red cat"), sample("b", [1, 2, 5, 7], (0, 0), "dog")]
+    stored = []
+    for s in floats:
+        values, scales = quantize(s["tokens"], "int8")
+        s["tokens"] = dequantize(values, scales)  # the float32 reference the stored values stand for
+        stored.append({**s, "tokens": values, "token_scales": scales})
+    batch = collate(stored)
+    assert batch["tokens"].dtype == torch.int8 and batch["token_scales"].shape[0] == batch["tokens"].shape[0]
+    with torch.no_grad():
+        got = build_vlm_inputs(model, batch, tokenizer, prompt=PROMPT).inputs_embeds
+        want = build_vlm_inputs(model, collate(floats), tokenizer, prompt=PROMPT).inputs_embeds
+    torch.testing.assert_close(got, want)

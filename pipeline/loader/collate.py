@@ -17,7 +17,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.loader.shared_batches import pooled_empty
 
-SAMPLE_FIELDS = ("key", "tokens", "positions", "n_tokens", "grid", "side")
+SAMPLE_FIELDS = ("key", "tokens", "token_scales", "positions", "n_tokens", "grid", "side")
 
 
 def _common(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -69,6 +69,7 @@ def pad_collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """``tokens [B, L, D]`` (zeros in padding), ``attention_mask [B, L]`` bool, ``positions [B, L]`` (-1 in padding).
 
     Tokens keep the samples' dtype: with the stored float16 the batch is half the bytes; cast on the device.
+    Quantized samples as stored add ``token_scales [B, L]`` (0 in padding).
     """
     batch = _common(samples)
     lengths = _lengths(samples)
@@ -76,6 +77,8 @@ def pad_collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     tokens = _padded([s["tokens"] for s in samples], longest, 0)
     positions = _padded([s["positions"] for s in samples], longest, -1)
     attention_mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    if "token_scales" in samples[0]:  # quantized, as stored: dequantized on the device
+        batch["token_scales"] = _padded([s["token_scales"] for s in samples], longest, 0)
     return {"tokens": tokens, "attention_mask": attention_mask, "positions": positions, "lengths": lengths, **batch}
 
 
@@ -88,6 +91,8 @@ def pack_collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     token_list = [s["tokens"] for s in samples]
     tokens = _empty(token_list[0], (int(lengths.sum()), *token_list[0].shape[1:]))
     torch.cat(token_list, out=tokens)
+    if "token_scales" in samples[0]:
+        batch["token_scales"] = torch.cat([s["token_scales"] for s in samples])
     return {
         "tokens": tokens,
         "positions": torch.cat([s["positions"] for s in samples]),

@@ -105,7 +105,9 @@ class PrunedTokenDataset(IterableDataset):
     """Samples of a compress output (its directory or its ``manifest.parquet``), local or ``s3://``.
 
     Each sample: ``key``, ``tokens`` ``[n_kept, D]`` (float32, or ``tokens_dtype``; ``None`` keeps the stored
-    dtype, which reads without a copy and halves what crosses to the training loop: cast on the device),
+    dtype, which reads without a copy and halves what crosses to the training loop: cast on the device; for int8
+    and float8_e4m3 the raw values and their float32 ``token_scales`` ``[n_kept]``, dequantized on the device by
+    :func:`pipeline.output.format.dequantize`, as :mod:`pipeline.vlm.feed` does),
     ``positions`` int64 ``[n_kept]``, ``n_tokens``, ``grid`` ``(rows, cols)``, ``side`` and the requested
     passthrough ``columns`` (default: ``caption`` when stored). Rank and world size come from the arguments, else
     from ``torch.distributed`` at construction.
@@ -149,8 +151,8 @@ class PrunedTokenDataset(IterableDataset):
         window = max(1, shuffle_buffer_bytes // row_bytes)
         self.shuffle_buffer = min(window, shuffle_buffer) if shuffle_buffer is not None else window
         self.columns = passthrough_to_read(self.schema, columns)
-        if tokens_dtype is None:  # the stored dtype; a quantized one is dequantized to float16 here
-            tokens_dtype = torch.float16 if is_quantized(self.meta["dtype"]) else TORCH_DTYPES[self.meta["dtype"]]
+        if tokens_dtype is None and not is_quantized(self.meta["dtype"]):
+            tokens_dtype = TORCH_DTYPES[self.meta["dtype"]]
         self.decoder = SampleDecoder(
             self.meta["dtype"], self.meta["dim"], self.meta["side"], tuple(self.columns), tokens_dtype
         )

@@ -21,17 +21,20 @@ from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import stable_hash
 from pipeline.output.format import (
+    CARD_NAME,
     PASSTHROUGH_COLUMNS,
     SCALE_NUMPY,
     SCALES_COLUMN,
     STORAGE_NUMPY,
     TORCH_DTYPES,
+    card_format_metadata,
     decode_tokens,
     decode_wds_sample,
     dequantize,
     is_quantized,
     passthrough_columns,
     read_format_metadata,
+    stored_tokens,
 )
 from pipeline.output.manifest import MANIFEST_NAME, read_manifest
 from pipeline.storage import filesystem_for, is_local
@@ -83,8 +86,10 @@ def committed_output(path_or_manifest: str, storage_options: Mapping[str, Any] |
     if any(tars):
         if not all(tars):
             raise ValueError(f"{output_dir}/{MANIFEST_NAME} mixes WebDataset tars and Parquet files")
-        meta = next(iter_tar_samples(files[0].url, storage_options, output_dir, [0]))[1]
-        meta = json.loads(meta["json"])
+        meta = json.loads(next(iter_tar_samples(files[0].url, storage_options, output_dir, [0]))[1]["json"])
+        card = _read_card(output_dir, storage_options)
+        if card is not None:  # outputs before dataset.json describe themselves only by dtype, dim and side
+            meta |= card_format_metadata(card)
         schema = pa.schema([pa.field(name, pa.string()) for name in PASSTHROUGH_COLUMNS])
         return CommittedOutput(output_dir, files, schema, meta, fingerprint, kind="webdataset")
     with open_parquet(files[0].url, storage_options, output_dir) as parquet:
@@ -93,6 +98,15 @@ def committed_output(path_or_manifest: str, storage_options: Mapping[str, Any] |
     if missing:
         raise ValueError(f"{files[0].url}: not an atr data file (missing columns {', '.join(missing)})")
     return CommittedOutput(output_dir, files, schema, read_format_metadata(schema), fingerprint)
+
+
+def _read_card(output_dir: str, storage_options: Mapping[str, Any]) -> dict[str, Any] | None:
+    fs, path = filesystem_for(f"{output_dir}/{CARD_NAME}", dict(storage_options))
+    try:
+        with fs.open(path, "rb") as handle:
+            return json.loads(handle.read())
+    except FileNotFoundError:
+        return None
 
 
 def output_dir_of(path_or_manifest: str) -> str:
@@ -159,7 +173,7 @@ class SampleDecoder:
     dim: int
     side: int
     columns: tuple[str, ...]  # passthrough
-    tokens_dtype: torch.dtype = torch.float32
+    tokens_dtype: torch.dtype | None = torch.float32  # None: as stored, with token_scales when quantized
 
     def chunk(self, batch: pa.RecordBatch) -> RowChunk:
         """A row group's rows, decoded once per group, so a sample is a few views (no copy per sample)."""
@@ -231,18 +245,22 @@ class RowChunk:
         scales = None
         if self.scales is not None:
             scales = self.scales[int(self.scale_offsets[i]):int(self.scale_offsets[i + 1])]
+        raw = decoder.tokens_dtype is None  # the stored values, and a quantized dtype's scales beside them
         if self.token_view is not None:
             tokens = self.token_view[lo:hi]
-            if scales is not None:
+            if scales is not None and not raw:
                 tokens = dequantize(tokens, scales, decoder.tokens_dtype)
-            elif tokens.dtype != decoder.tokens_dtype:
+            elif not raw and tokens.dtype != decoder.tokens_dtype:
                 tokens = tokens.to(decoder.tokens_dtype)
+        elif raw:
+            tokens = stored_tokens(self.token_data[lo:hi], decoder.dtype, decoder.dim)
         else:
             tokens = decode_tokens(self.token_data[lo:hi], decoder.dtype, decoder.dim, decoder.tokens_dtype,
                                    None if scales is None else scales.numpy())
         return {
             "key": self.keys[i],
             "tokens": tokens,
+            **({SCALES_COLUMN: scales} if raw and scales is not None else {}),
             "positions": self.position_values[int(self.position_offsets[i]):int(self.position_offsets[i + 1])],
             "n_tokens": self.n_tokens[i],
             "grid": self.grids[i],

@@ -449,18 +449,25 @@ def sample_to_wds(row: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, 
     return sample
 
 
-def decode_wds_sample(sample: Mapping[str, Any], out_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """A WebDataset sample written by :func:`sample_to_wds` -> the loader's sample dict (float32 tokens);
-    also reads the tars of earlier versions (bfloat16 as uint16 words in ``tokens.npy``)."""
+def decode_wds_sample(sample: Mapping[str, Any], out_dtype: torch.dtype | None = torch.float32) -> dict[str, Any]:
+    """A WebDataset sample written by :func:`sample_to_wds` -> the loader's sample dict (float32 tokens; with
+    ``out_dtype=None`` the stored values, and ``token_scales`` when quantized); also reads the tars of earlier
+    versions (bfloat16 as uint16 words in ``tokens.npy``)."""
     info = json.loads(sample["json"])
     dtype = info["dtype"]
     member = info.get("tokens_member", "tokens.npy")
     stored = _npy_array(sample[member]) if member.endswith(".npy") else sample[member]
     scales = sample.get(f"{SCALES_COLUMN}.npy")
+    scales = None if scales is None else _npy_array(scales)
+    if out_dtype is None:
+        tokens = stored_tokens(stored, dtype, info["dim"])
+        raw = {} if scales is None else {SCALES_COLUMN: token_scales(scales, len(tokens))}
+    else:
+        tokens, raw = decode_tokens(stored, dtype, info["dim"], out_dtype, scales), {}
     return {
         "key": info.get("key", sample["__key__"]),
-        "tokens": decode_tokens(stored, dtype, info["dim"], out_dtype,
-                                None if scales is None else _npy_array(scales)),
+        "tokens": tokens,
+        **raw,
         "positions": torch.from_numpy(_npy_array(sample["positions.npy"]).astype(np.int64)),
         "n_tokens": info["n_tokens"],
         "grid": (info["grid_rows"], info["grid_cols"]),
@@ -604,6 +611,19 @@ def dataset_card(resolved: Mapping[str, Any]) -> dict[str, Any]:
             "dtype": "float16", "shape": ["n_kept"], "meaning": "the selector's keep score per kept token; null "
                                                                   "unless selector.store_scores",
         },
+    }
+
+
+def card_format_metadata(card: Mapping[str, Any]) -> dict[str, Any]:
+    """The :func:`format_metadata` fields a reader needs, from ``dataset.json`` (a WebDataset tar has no schema to
+    carry them; its samples' JSON has only dtype, dim and side)."""
+    encoder, selector = card["encoder"], card["selector"]
+    return {
+        "schema_version": card["schema_version"], "encoder": encoder["name"],
+        "encoder_fingerprint": encoder["fingerprint"], "select_layer": encoder["select_layer"],
+        "dtype": card["dtype"], "dim": card["dim"], "side": card["side"], "selector": selector["method"],
+        "selector_fingerprint": selector["fingerprint"], "mode": selector["mode"],
+        "params": {"param": selector["param"], "min_tokens": selector["min_tokens"]}, "cfg_hash": card["cfg_hash"],
     }
 
 

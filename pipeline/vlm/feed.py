@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.loader.collate import pad_collate
+from pipeline.output.format import SCALES_COLUMN, dequantize
 from pipeline.vlm.config import DEFAULT_PROMPT, IMAGE_PLACEHOLDER
 
 NEWLINE = -1  # layout slot that holds model.image_newline
@@ -76,12 +77,17 @@ def image_layout(positions: Tensor, grid: Sequence[int], side: int, newline: boo
     return torch.cat([base, section])
 
 
-def kept_tokens(batch: Mapping[str, Any]) -> list[tuple[Tensor, Tensor]]:
-    """``(tokens [n, D], positions [n])`` per sample of a padded (:func:`pad_collate`) or packed batch."""
+def _per_sample(batch: Mapping[str, Any], name: str) -> list[Tensor]:
     lengths = batch["lengths"].tolist()
     if "cu_seqlens" in batch:
-        return list(zip(batch["tokens"].split(lengths), batch["positions"].split(lengths)))
-    return [(batch["tokens"][i, :n], batch["positions"][i, :n]) for i, n in enumerate(lengths)]
+        return list(batch[name].split(lengths))
+    return [batch[name][i, :n] for i, n in enumerate(lengths)]
+
+
+def kept_tokens(batch: Mapping[str, Any]) -> list[tuple[Tensor, Tensor]]:
+    """``(tokens [n, D], positions [n])`` per sample of a padded (:func:`pad_collate`) or packed batch (tokens as
+    the batch holds them: quantized ones are not rescaled here, see :func:`image_features`)."""
+    return list(zip(_per_sample(batch, "tokens"), _per_sample(batch, "positions")))
 
 
 def batch_layouts(batch: Mapping[str, Any], newline: bool) -> list[Tensor]:
@@ -126,7 +132,10 @@ def image_features(model: nn.Module, batch: Mapping[str, Any], layouts: Sequence
             "tokens come from a different vision tower (or feature layer) than this model's"
         )
     weight = next(core.multi_modal_projector.parameters())
-    tokens = torch.cat([t for t, _ in samples]).to(weight.device, weight.dtype)
+    tokens = torch.cat([t for t, _ in samples]).to(weight.device)
+    # int8 / float8 as stored cross to the device at one byte a value and are rescaled there.
+    scales = torch.cat(_per_sample(batch, SCALES_COLUMN)) if SCALES_COLUMN in batch else None
+    tokens = dequantize(tokens, scales, weight.dtype)
     projected = core.multi_modal_projector(tokens).split([t.shape[0] for t, _ in samples])
     features = []
     for sample, layout in zip(projected, layouts):
