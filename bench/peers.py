@@ -45,7 +45,7 @@ BATCH = 32
 
 
 def write_corpus(root: Path, samples: int, kept: tuple[int, int], dim: int, shards: int, seed: int = 0) -> dict:
-    """atr's Parquet output (+ manifest) and WebDataset tars of the same rows, then MDS and LitData copies."""
+    """atr's Parquet output (+ manifest) and WebDataset tars of the same rows (the other formats: copy_formats)."""
 
     from pipeline.output.format import encode_sample_table, parquet_bytes, samples_to_wds_tar
     from tests.pruned_fixtures import fixture_meta, stage_rows
@@ -77,16 +77,19 @@ def write_corpus(root: Path, samples: int, kept: tuple[int, int], dim: int, shar
         manifest.append({"shard_id": shard_id, "path": path, "rows": rows, "bytes": len(data), "sha256": "",
                          "source_fingerprint": f"fp{index}", "attempt": "0"})
     write_manifest(parquet_dir, manifest)
-    write_int8(parquet_dir, root / "atr_int8" / "tiny" / "bench")
-    write_mds(parquet_dir, root / "mds")
-    write_litdata(parquet_dir, root / "litdata")
-    return {"samples": samples, "dim": dim, "kept": list(kept), "shards": shards, "bytes": format_bytes(root)}
+    return {"samples": samples, "dim": dim, "kept": list(kept), "shards": shards}
 
 
-def format_bytes(root: Path) -> dict[str, int]:
-    return {name: sum(f.stat().st_size for f in (root / sub).rglob("*") if f.is_file())
-            for name, sub in [("parquet", "atr"), ("parquet_int8", "atr_int8"), ("wds", "wds"), ("mds", "mds"),
-                              ("litdata", "litdata")]}
+def copy_formats(root: Path, readers: list[str]) -> dict[str, int]:
+    """The rows of atr's float16 output in the format of each reader that needs its own (once per corpus
+    folder); the bytes of every format present."""
+    parquet_dir = root / "atr" / "tiny" / "bench"
+    for reader, (folder, write) in COPIES.items():
+        if reader in readers and not (root / folder).exists():
+            write(parquet_dir, root / folder)
+    names = {"atr": "parquet", "atr_int8": "parquet_int8", "wds": "wds", "mds": "mds", "litdata": "litdata"}
+    return {name: sum(f.stat().st_size for f in (root / folder).rglob("*") if f.is_file())
+            for folder, name in names.items() if (root / folder).exists()}
 
 
 def parquet_files(parquet_dir: Path) -> list[Path]:
@@ -113,6 +116,7 @@ def write_int8(parquet_dir: Path, out: Path) -> None:
 
     from pipeline.output.format import encode_sample_table, parquet_bytes, read_format_metadata, tokens_to_storage
 
+    out = out / "tiny" / "bench"
     (out / "data").mkdir(parents=True, exist_ok=True)
     (out / "_committed").mkdir(exist_ok=True)
     entries = []
@@ -321,6 +325,8 @@ def pyarrow_loader(root: Path, dtype: str, workers: int, window: int):
     return DataLoader(Files(), batch_size=BATCH, collate_fn=pad_collate, num_workers=workers)
 
 
+COPIES = {"atr_int8": ("atr_int8", write_int8), "mosaicml_streaming": ("mds", write_mds),
+          "litdata": ("litdata", write_litdata)}
 IMPORTS = {"atr": ["pipeline.loader"], "atr_int8": ["pipeline.loader"], "hf_datasets": ["datasets"], "mosaicml_streaming": ["streaming"],
            "webdataset": ["webdataset", "pipeline.output.format"], "litdata": ["litdata"],
            "pyarrow_read_table": ["pyarrow.parquet"]}
@@ -413,14 +419,12 @@ def main() -> None:
         print(f"[bench.peers] corpus in {time.perf_counter() - started:.0f}s: {corpus}", file=sys.stderr, flush=True)
     else:
         corpus = json.loads((root / "corpus.json").read_text())
-        if not (root / "atr_int8" / "tiny" / "bench" / "manifest.parquet").exists():  # a corpus of an older bench
-            write_int8(manifest.parent, root / "atr_int8" / "tiny" / "bench")
-            corpus["bytes"] = format_bytes(root)
+    readers, dtypes = args.readers.split(","), args.dtypes.split(",")
+    corpus["bytes"] = copy_formats(root, readers)
     (root / "corpus.json").write_text(json.dumps(corpus))
     from pipeline.loader import PrunedTokenDataset
 
     window = PrunedTokenDataset(str(manifest.parent)).shuffle_buffer
-    readers, dtypes = args.readers.split(","), args.dtypes.split(",")
     workers = [int(w) for w in args.workers.split(",")]
     runs: dict[tuple[str, str, int], list[dict]] = {}
     loads = []

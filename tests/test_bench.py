@@ -108,3 +108,25 @@ def test_selector_training_bench_trains_an_epoch_from_each_source(tmp_path, one_
         case = selector_training.child(source, path, "tiny", 8)
         assert (case["steps"], case["token_sets"]) == (1, 8), source
         assert case["peak_rss_mib"] >= case["baseline_rss_mib"] > 0 and case["token_sets_per_s"] > 0
+
+
+def test_peers_bench_reads_each_sample_once_per_reader_and_rates_int8_storage(bench_out, tmp_path, one_thread):
+    import argparse
+
+    from bench import peers
+    from pipeline.loader import PrunedTokenDataset
+
+    root = tmp_path / "corpus"
+    corpus = peers.write_corpus(root, samples=24, kept=(4, 9), dim=1024, shards=3)
+    readers = ["atr", "atr_int8", "webdataset", "pyarrow_read_table"]  # the peers installed without the bench extra
+    corpus["bytes"] = peers.copy_formats(root, readers)
+    assert corpus["bytes"]["parquet_int8"] < corpus["bytes"]["parquet"]
+    window = PrunedTokenDataset(str(root / "atr" / "tiny" / "bench")).shuffle_buffer
+    runs = {(reader, dtype, 0): [peers.run_one(root, reader, dtype, 0, window)]
+            for reader in readers for dtype in ("float32", "float16")}
+    summary = peers.summarise(runs, corpus, window, [0.5], common.machine(), argparse.Namespace(rounds=1))
+    assert summary["ratios"]["float16_w0"]["best_peer"] == "webdataset"
+    assert summary["ratios"]["int8_vs_float16_tokens_per_s_float16_w0"]["atr_vs_best_peer"] > 0
+    peers.write_section(summary)
+    page = (bench_out / "benchmarks.md").read_text()
+    assert "int8 + scales" in page and "int8_vs_float16_tokens_per_s_float16_w0" in page

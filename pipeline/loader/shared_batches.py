@@ -32,7 +32,6 @@ HELD_KEY = "_held_buffers"
 # The running collate's allocator: its pool's ``empty`` bound to that call's list of taken slots.
 _ACTIVE: contextvars.ContextVar[Callable[..., torch.Tensor] | None] = contextvars.ContextVar("atr_batch_empty",
                                                                                            default=None)
-_PROCESS_POOL: dict[str, Any] = {}
 
 
 def _release(board: torch.Tensor, slot: int) -> None:
@@ -121,11 +120,16 @@ class BufferPool:
         elif isinstance(batch, dict):
             batch[HELD_KEY] = HeldBuffers(self.board, held)
         else:
-            with self.lock:
-                for slot, _ in held:
-                    self.buffers[slot] = None
-                    self.flags[slot] = 0
+            self.release(held, forget=True)
         return batch
+
+    def release(self, held: list[tuple[int, torch.Tensor]], forget: bool = False) -> None:
+        """Free ``held``'s slots now (a failed collate); ``forget`` leaves their buffers to whoever holds them."""
+        with self.lock:
+            for slot, _ in held:
+                if forget:
+                    self.buffers[slot] = None
+                self.flags[slot] = 0
 
 
 def _capacity(buffer: torch.UntypedStorage | np.ndarray | None) -> int:
@@ -139,15 +143,9 @@ def pooled_empty() -> Callable[[torch.dtype, tuple[int, ...]], torch.Tensor] | N
     return _ACTIVE.get()
 
 
-def _process_pool(slots: int) -> BufferPool:
-    """This process's pool, made on first use in each process (a forked worker makes its own)."""
-    if _PROCESS_POOL.get("pid") != os.getpid():
-        _PROCESS_POOL.update(pid=os.getpid(), pool=BufferPool(slots, shared=get_worker_info() is not None))
-    return _PROCESS_POOL["pool"]
-
-
 class PooledCollate:
-    """``collate`` with its batch tensors taken from this process's :class:`BufferPool`.
+    """``collate`` with its batch tensors taken from a :class:`BufferPool` of this process (each DataLoader worker
+    makes its own; the main process's lives as long as this collate, i.e. its loader).
 
     ``slots`` bounds the buffers a worker keeps: the DataLoader's ``prefetch_factor`` batches in flight, the one the
     training loop holds and the one it is about to replace, and what a collate allocates per batch (two for
@@ -156,12 +154,24 @@ class PooledCollate:
 
     def __init__(self, collate: Callable[[list[dict[str, Any]]], Any], slots: int = 12) -> None:
         self.collate, self.slots = collate, slots
+        self._pool: tuple[int, BufferPool] | None = None  # (pid, pool)
+
+    def __getstate__(self) -> dict[str, Any]:  # a spawned worker makes its own pool
+        return {**self.__dict__, "_pool": None}
+
+    def pool(self) -> BufferPool:
+        if self._pool is None or self._pool[0] != os.getpid():
+            self._pool = (os.getpid(), BufferPool(self.slots, shared=get_worker_info() is not None))
+        return self._pool[1]
 
     def __call__(self, samples: list[dict[str, Any]]) -> Any:
-        pool, held = _process_pool(self.slots), []
+        pool, held = self.pool(), []
         token = _ACTIVE.set(functools.partial(pool.empty, held=held))
         try:
             batch = self.collate(samples)
+        except BaseException:
+            pool.release(held)
+            raise
         finally:
             _ACTIVE.reset(token)
         return pool.finish_batch(batch, held)
