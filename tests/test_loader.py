@@ -52,10 +52,24 @@ def test_window_order_permutes_each_window_and_masks_round_trip():
     order = window_order(23, 5, np.random.default_rng(0))
     assert sorted(order.tolist()) == list(range(23)) and order.tolist() != list(range(23))
     assert all(index < (emitted // 5 + 1) * 5 for emitted, index in enumerate(order.tolist()))  # one window held
+    # Windows end where a file does: [0, 5) [5, 7) | [7, 12) [12, 14) | [14, 19) [19, 23).
+    order = window_order(23, 5, np.random.default_rng(0), breaks=[7, 14]).tolist()
+    windows = [(0, 5), (5, 7), (7, 12), (12, 14), (14, 19), (19, 23)]
+    assert [sorted(order[lo:hi]) for lo, hi in windows] == [list(range(lo, hi)) for lo, hi in windows]
     mask = np.random.default_rng(1).random(1001) < 0.3
     assert np.array_equal(decode_mask(encode_mask(mask), 1001), mask)
     with pytest.raises(ValueError, match="positions"):
         decode_mask(encode_mask(mask), 2000)
+
+
+def test_a_worker_is_done_with_one_file_before_it_reads_the_next(output):
+    root, _ = output
+    dataset = PrunedTokenDataset(root, shuffle_buffer=5)
+    starts = dataset._file_starts()
+    for stream in range(2):
+        positions = dataset.stream_positions(2, stream)
+        files = np.searchsorted(starts, positions, side="right")
+        assert (np.diff(files) >= 0).all() and sorted(positions.tolist()) != positions.tolist()
 
 
 def test_shuffle_window_is_sized_in_bytes(output):

@@ -30,8 +30,8 @@ def _common(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     passthrough = [name for name in samples[0] if name not in SAMPLE_FIELDS]
     return {
         "keys": [s["key"] for s in samples],
-        "n_tokens": torch.tensor([s["n_tokens"] for s in samples], dtype=torch.int64),
-        "grid": torch.tensor([s["grid"] for s in samples], dtype=torch.int64).reshape(len(samples), 2),
+        "n_tokens": _in_batch(torch.tensor([s["n_tokens"] for s in samples], dtype=torch.int64)),
+        "grid": _in_batch(torch.tensor([s["grid"] for s in samples], dtype=torch.int64).reshape(len(samples), 2)),
         "side": sides.pop(),
         **{name: [s[name] for s in samples] for name in passthrough},
     }
@@ -56,6 +56,17 @@ def _empty(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return like.new(like._typed_storage()._new_shared(numel, device="cpu")).view(shape)
 
 
+def _in_batch(values: torch.Tensor) -> torch.Tensor:
+    """A small computed tensor, copied into the batch's pooled buffer while one is active (one shared-memory
+    segment per batch); else as it is."""
+    pooled = pooled_empty()
+    if pooled is None:
+        return values
+    out = pooled(values.dtype, tuple(values.shape))
+    out.copy_(values)
+    return out
+
+
 def _padded(tensors: Sequence[torch.Tensor], length: int, value: float) -> torch.Tensor:
     out = _empty(tensors[0], (len(tensors), length, *tensors[0].shape[1:]))
     for row, tensor in zip(out, tensors):
@@ -76,10 +87,11 @@ def pad_collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     longest = int(lengths.max())
     tokens = _padded([s["tokens"] for s in samples], longest, 0)
     positions = _padded([s["positions"] for s in samples], longest, -1)
-    attention_mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
+    attention_mask = _in_batch(torch.arange(tokens.shape[1])[None, :] < lengths[:, None])
     if "token_scales" in samples[0]:  # quantized, as stored: dequantized on the device
         batch["token_scales"] = _padded([s["token_scales"] for s in samples], longest, 0)
-    return {"tokens": tokens, "attention_mask": attention_mask, "positions": positions, "lengths": lengths, **batch}
+    return {"tokens": tokens, "attention_mask": attention_mask, "positions": positions, "lengths": _in_batch(lengths),
+            **batch}
 
 
 def pack_collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -92,13 +104,13 @@ def pack_collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     tokens = _empty(token_list[0], (int(lengths.sum()), *token_list[0].shape[1:]))
     torch.cat(token_list, out=tokens)
     if "token_scales" in samples[0]:
-        batch["token_scales"] = torch.cat([s["token_scales"] for s in samples])
+        batch["token_scales"] = _in_batch(torch.cat([s["token_scales"] for s in samples]))
     return {
         "tokens": tokens,
-        "positions": torch.cat([s["positions"] for s in samples]),
-        "cu_seqlens": cu_seqlens,
+        "positions": _in_batch(torch.cat([s["positions"] for s in samples])),
+        "cu_seqlens": _in_batch(cu_seqlens),
         "max_seqlen": int(lengths.max()),
-        "lengths": lengths,
+        "lengths": _in_batch(lengths),
         **batch,
     }
 

@@ -39,7 +39,7 @@ from pipeline.loader.reading import (
 )
 from pipeline.output.format import FORMAT_FIELDS, TORCH_DTYPES, is_quantized, read_format_metadata
 
-STATE_VERSION = 2
+STATE_VERSION = 3  # 3: shuffle windows end where a data file does
 DEFAULT_BUFFER_BYTES = 128 << 20
 T = TypeVar("T")
 
@@ -185,7 +185,14 @@ class PrunedTokenDataset(IterableDataset):
         if not self.shuffle:
             return positions
         rng = np.random.default_rng([self.seed, self.epoch, self._base_tag(), global_stream])
-        return positions[window_order(len(positions), self.shuffle_buffer, rng)]
+        files = np.searchsorted(self._file_starts(), positions, side="right")
+        breaks = (np.flatnonzero(np.diff(files)) + 1).tolist()
+        return positions[window_order(len(positions), self.shuffle_buffer, rng, breaks)]
+
+    def _file_starts(self) -> np.ndarray:
+        """The canonical position of each file's first row, in this epoch's file order."""
+        order = file_order(len(self.files), self.seed, self.epoch, self.shuffle)
+        return np.concatenate([[0], np.cumsum([self.files[i].rows for i in order])]).astype(np.int64)
 
     def stream_sizes(self, workers_per_rank: int) -> list[int]:
         parts, first, n = self.world_size * workers_per_rank, self.rank * workers_per_rank, len(self._remaining())
@@ -339,7 +346,7 @@ class PrunedTokenDataset(IterableDataset):
         not read, and each one read is read whole, once.
         """
         order = file_order(len(self.files), self.seed, self.epoch, self.shuffle)
-        starts = np.concatenate([[0], np.cumsum([self.files[i].rows for i in order])])
+        starts = self._file_starts()
         file_of = np.searchsorted(starts, needed, side="right") - 1
         for slot in np.unique(file_of).tolist():
             file = self.files[order[slot]]

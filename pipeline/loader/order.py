@@ -4,7 +4,8 @@ Each epoch the manifest's files are permuted with ``(seed, epoch)`` and concaten
 rows: the epoch's canonical positions. The positions still owed this epoch (all of them, or those a resumed state
 did not record as emitted) are cut into ``world_size * num_workers`` contiguous, balanced parts (sizes differ by at
 most one), one per global worker ``rank * num_workers + worker_id``. A worker cuts its part into shuffle windows of
-``window`` consecutive positions (sized from the shuffle buffer's bytes) and emits each window in a permutation
+at most ``window`` consecutive positions (sized from the shuffle buffer's bytes), never across the start of a data
+file, and emits each window in a permutation
 seeded by ``(seed, epoch, base, global worker, window)``: it holds at most one window (plus the row groups being
 read ahead), never copies a row into a buffer, and reads each row group once, whole.
 
@@ -24,12 +25,8 @@ import base64
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    from pipeline.loader.reading import DataFile
 
 
 def split_range(total: int, parts: int, part: int) -> tuple[int, int]:
@@ -62,15 +59,18 @@ def shuffle_buffer_order(n: int, buffer_size: int, rng: np.random.Generator) -> 
     return np.asarray(order, dtype=np.int64)
 
 
-def window_order(n: int, window: int, rng: np.random.Generator) -> np.ndarray:
-    """Indices ``0..n-1`` in consecutive windows of ``window``, each permuted: the item emitted ``t``-th has index
-    ``< (t // window + 1) * window``, so a reader holds one window at a time."""
+def window_order(n: int, window: int, rng: np.random.Generator, breaks: Sequence[int] = ()) -> np.ndarray:
+    """Indices ``0..n-1`` in consecutive windows of at most ``window``, each permuted, no window across one of the
+    ascending ``breaks`` (where a new data file starts: a window then needs one file's rows, not two files' row
+    groups): the item emitted ``t``-th lies in the window of index ``t``, so a reader holds one window at a time."""
     if window <= 1:
         return np.arange(n, dtype=np.int64)
     order = np.empty(n, dtype=np.int64)
-    for start in range(0, n, window):
-        stop = min(n, start + window)
-        order[start:stop] = start + rng.permutation(stop - start)
+    bounds = [0, *(b for b in breaks if 0 < b < n), n]
+    for segment_start, segment_stop in zip(bounds, bounds[1:]):
+        for start in range(segment_start, segment_stop, window):
+            stop = min(segment_stop, start + window)
+            order[start:stop] = start + rng.permutation(stop - start)
     return order
 
 
@@ -84,18 +84,6 @@ def decode_mask(text: str, n: int) -> np.ndarray:
     if len(bits) != (n + 7) // 8:
         raise ValueError(f"loader state's sample set covers {len(bits) * 8} positions, this output has {n}")
     return np.unpackbits(bits)[:n].astype(bool)
-
-
-def stream_pieces(files: Sequence[DataFile], order: np.ndarray, start: int, stop: int) -> list[tuple[int, int, int]]:
-    """``(file index, first row, end row)`` pieces covering rows ``[start, stop)`` of the files in ``order``."""
-    pieces, offset = [], 0
-    for index in order.tolist():
-        rows = files[index].rows
-        lo, hi = max(start, offset), min(stop, offset + rows)
-        if lo < hi:
-            pieces.append((index, lo - offset, hi - offset))
-        offset += rows
-    return pieces
 
 
 @dataclass

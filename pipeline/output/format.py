@@ -245,7 +245,8 @@ def dequantize(stored: torch.Tensor, scales: torch.Tensor | None,
     """Stored values ``[n, dim]`` (any device) and their per-token scales -> ``out_dtype`` values."""
     if scales is None:
         return stored.to(out_dtype)
-    return (stored.to(torch.float32) * scales.to(stored.device, torch.float32).unsqueeze(-1)).to(out_dtype)
+    wide = stored.to(torch.float32)  # a new tensor: int8 / float8 values are never float32 already
+    return wide.mul_(scales.to(stored.device, torch.float32).unsqueeze(-1)).to(out_dtype)
 
 
 def decode_tokens(binary: Any, dtype: str, dim: int, out_dtype: torch.dtype = torch.float32,

@@ -86,8 +86,8 @@ def read_manifest(output_dir: str, storage_options: Mapping[str, Any] | None = N
     url = f"{output_dir.rstrip('/')}/{MANIFEST_NAME}"
     fs, path = filesystem_for(url, dict(storage_options or {}))
     try:
-        with fs.open(path, "rb") as handle:
-            table = pq.read_table(handle)
+        with fs.open(path, "rb") as handle:  # ParquetFile: read_table would import pyarrow.dataset (and pandas)
+            table = pq.ParquetFile(handle).read()
     except FileNotFoundError:
         raise IncompleteOutputError(
             f"incomplete output: no {MANIFEST_NAME} in {output_dir} — the compress job has not finished a run"

@@ -22,8 +22,9 @@ class VLMModelConfig(Config):
     family: Literal["llava_next", "llava_onevision"] = "llava_next"
     local_files_only: bool = False
     # Frozen weights load in this dtype; trained weights are kept in float32 and the forward runs under
-    # autocast to it, so optimizer updates are not lost to bfloat16 rounding.
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # autocast to it, so optimizer updates are not lost to bfloat16 rounding. No float16: it would need loss
+    # scaling (a GradScaler), which the training loop does not have.
+    dtype: Literal["float32", "bfloat16"] = "float32"
     prompt: str = DEFAULT_PROMPT
     # The tiny random model (name_or_path null): a Llama text model over a byte-level tokenizer.
     hidden_size: int = 64
