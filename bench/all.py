@@ -82,7 +82,9 @@ def loader_section(result: dict[str, Any], info: dict[str, Any]) -> str:
             f"{result['dtype']}; batches of {result['batch_size']}; best of the interleaved repeats.\n\n"
             + markdown_table(["reader", "samples/s", "tokens/s", "wall s", "CPU s"], rows)
             + f"\n\nTarget: loader / `pyarrow.parquet.read_table` ≥ 0.7 — **{met}** "
-            f"(`loader_vs_pyarrow` = {result['loader_vs_pyarrow']}).\n")
+            f"(`loader_vs_pyarrow` = {result['loader_vs_pyarrow']}). The files are atr's own (tokens uncompressed), "
+            "so `read_table` is a copy of the bytes: it builds no per-sample tensor, no float32 and no batch. "
+            "`bench.peers` holds the floor that does (`pyarrow_read_table` there) and the other loaders.\n")
     return section_text("loader", "Loader (bench.loader)", body, info, "python -m bench.loader " + " ".join(RUNS["loader"]))
 
 

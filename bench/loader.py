@@ -1,8 +1,9 @@
 """Loader throughput: PrunedTokenDataset + pad_collate against a plain ``pyarrow.parquet.read_table``.
 
-``python -m bench.loader [--rows N] [--dim D] [--kept LO,HI] [--repeats R]``: writes a fixture output (float16,
-100-400 kept tokens x 1024 dims per row by default, as a CLIP ViT-L output keeps them: about 0.5 MB a row; row
-groups of 256, ``output.row_group_size``'s default), then times on the same warm files, interleaved:
+``python -m bench.loader [--rows N] [--dim D] [--kept LO,HI] [--repeats R]``: writes an output through atr's own
+writer (``bench.peers.write_corpus``: float16, 100-400 kept tokens x 1024 dims per row by default, as a CLIP
+ViT-L output keeps them, about 0.5 MB a row; tokens uncompressed, row groups of 256, ``output.row_group_size``'s
+default), then times on the same warm files, interleaved:
 
 * ``read_table`` of every data file with the columns the loader reads (pyarrow's thread pool, and one thread);
 * one epoch of the loader (its default shuffle window in bytes, batches of 32 padded to the longest, float32) in
@@ -27,9 +28,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
+from bench.peers import write_corpus
 from pipeline.loader import READ_COLUMNS, PrunedTokenDataset, PrunedTokenLoader
 from pipeline.output.manifest import read_manifest
-from tests.pruned_fixtures import fixture_meta, write_output
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loader.json"
 
@@ -80,10 +81,9 @@ def main() -> None:
     # stall. One thread is what torch gives each DataLoader worker.
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        root = f"{tmp}/tiny/bench"
         kept = tuple(int(v) for v in args.kept.split(","))
-        write_output(root, [args.rows // args.shards] * args.shards, row_group_size=256, kept=kept,
-                     meta=fixture_meta(dtype="float16", dim=args.dim, side=32))
+        write_corpus(Path(tmp), args.rows, kept, args.dim, args.shards, tars=False)  # atr's writer, as stored
+        root = f"{tmp}/atr/tiny/bench"
         read_table_all(root, use_threads=True)  # warm the page cache
         best = best_of_interleaved(args.repeats, {
             "pyarrow_read_table": lambda: read_table_all(root, use_threads=True),

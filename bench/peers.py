@@ -44,7 +44,8 @@ BATCH = 32
 # --------------------------------------------------------------------------------------------- corpus
 
 
-def write_corpus(root: Path, samples: int, kept: tuple[int, int], dim: int, shards: int, seed: int = 0) -> dict:
+def write_corpus(root: Path, samples: int, kept: tuple[int, int], dim: int, shards: int, seed: int = 0,
+                 tars: bool = True) -> dict:
     """atr's Parquet output (+ manifest) and WebDataset tars of the same rows (the other formats: copy_formats)."""
 
     from pipeline.output.format import encode_sample_table, parquet_bytes, samples_to_wds_tar
@@ -73,7 +74,8 @@ def write_corpus(root: Path, samples: int, kept: tuple[int, int], dim: int, shar
         data = parquet_bytes(encode_sample_table(staged, meta), 256)
         path = f"data/{shard_id}.0.parquet"
         (parquet_dir / path).write_bytes(data)
-        (wds_dir / f"{shard_id}.tar").write_bytes(samples_to_wds_tar(staged, meta))
+        if tars:
+            (wds_dir / f"{shard_id}.tar").write_bytes(samples_to_wds_tar(staged, meta))
         manifest.append({"shard_id": shard_id, "path": path, "rows": rows, "bytes": len(data), "sha256": "",
                          "source_fingerprint": f"fp{index}", "attempt": "0"})
     write_manifest(parquet_dir, manifest)
@@ -515,7 +517,8 @@ def write_section(summary: dict[str, Any]) -> None:
         [[r["reader"], "int8 + scales" if r["reader"] == "atr_int8" and r["dtype"] == "float16" else r["dtype"],
           r["workers"], r["samples_per_s"], f"{r['min']}–{r['max']}", r["tokens_per_s"], r["cpu_s"],
           r["rss_main_mb"], "–" if r["rss_worker_mb"] is None else r["rss_worker_mb"]] for r in summary["rows"]])
-    ratios = "\n".join(f"- `{name}`: atr / best peer ({v['best_peer']}) = **{v['atr_vs_best_peer']}**"
+    ratios = "\n".join(f"- `{name}`: " + ("atr int8 / atr float16 storage" if name.startswith("int8_vs")
+                                          else f"atr / best peer ({v['best_peer']})") + f" = **{v['atr_vs_best_peer']}**"
                        for name, v in sorted(summary["ratios"].items()))
     load = summary["load_average"]
     body = (f"{corpus['samples']} samples of {corpus['kept'][0]}–{corpus['kept'][1]} kept tokens × {corpus['dim']} "
