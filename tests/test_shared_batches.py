@@ -26,6 +26,11 @@ def _check(tokens, keys, lengths, expected):
         assert not tokens[i, n:].any(), key
 
 
+def _check_packed(batch, expected):
+    for key, tokens in zip(batch["keys"], batch["tokens"].split(batch["lengths"].tolist())):
+        assert torch.equal(tokens, expected[key]["tokens"]), key
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_held_batches_and_views_keep_their_contents_while_later_batches_reuse_buffers(output, num_workers):
     root, expected = output
@@ -65,3 +70,13 @@ def test_a_batch_that_is_not_a_dict_keeps_its_buffers_for_good(output):
     assert sum(len(b["keys"]) for b in batches) == len(expected)
     for batch in batches:
         _check(batch["tokens"], batch["keys"], batch["lengths"], expected)
+
+
+def test_packed_batches_made_inside_the_workers_are_held_as_safely(output):
+    root, expected = output
+    loader = PrunedTokenLoader(PrunedTokenDataset(root, shuffle_buffer=5), max_tokens=24, num_workers=2)
+    batches = list(loader)
+    assert sorted(k for b in batches for k in b["keys"]) == sorted(expected)
+    for batch in batches:
+        assert HELD_KEY not in batch
+        _check_packed(batch, expected)
