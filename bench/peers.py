@@ -128,7 +128,7 @@ def write_int8(parquet_dir: Path, out: Path) -> None:
         rows = table.to_pylist()
         for row in rows:  # float16 bytes -> the int8 values + scales the encode stage hands the writer
             tokens = np.frombuffer(row["tokens"], np.float16).reshape(-1, meta["dim"])
-            row["tokens"] = tokens_to_storage(torch_tensor(tokens), "int8").tobytes()
+            row["tokens"] = tokens_to_storage(tokens, "int8").tobytes()
             row["positions"] = np.asarray(row["positions"], "<i4").tobytes()
             row["shard_id"] = row["source_shard"]
         data = parquet_bytes(encode_sample_table(rows, meta), 256)
@@ -136,12 +136,6 @@ def write_int8(parquet_dir: Path, out: Path) -> None:
         entries.append({"shard_id": path.name.split(".")[0], "path": f"data/{path.name}", "rows": len(rows),
                         "bytes": len(data), "sha256": "", "source_fingerprint": "fp", "attempt": "0"})
     write_manifest(out, entries)
-
-
-def torch_tensor(array: np.ndarray):
-    import torch
-
-    return torch.from_numpy(array.astype(np.float32))
 
 
 def write_manifest(out: Path, entries: list[dict]) -> None:

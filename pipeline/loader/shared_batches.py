@@ -19,6 +19,7 @@ called on their own allocate as ``default_collate`` does.
 from __future__ import annotations
 
 import contextvars
+import math
 import os
 import threading
 import weakref
@@ -177,10 +178,7 @@ class _Batch:
         self.used = self.total = 0
 
     def empty(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        numel = 1
-        for size in shape:
-            numel *= size
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         offset = -(-self.used // ALIGN) * ALIGN
         if self.base is None or offset + nbytes > self.base.numel():
             self.base, offset = self.pool.take(max(nbytes, self.pool.batch_bytes - self.total), self.held), 0
